@@ -1,0 +1,14 @@
+"""jaxlse: numerically stable log-sum-exp, softmax and classification losses for JAX."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._lse import log_softmax as log_softmax
+from ._lse import logsumexp as logsumexp
+from ._lse import softmax as softmax
+
+try:
+    __version__ = version("jaxlse")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["log_softmax", "logsumexp", "softmax"]
