@@ -1,0 +1,126 @@
+"""Private argument checks and the dtype policy shared by every public function.
+
+Policy (written once, here):
+
+* Boolean and integer inputs promote to JAX's default floating dtype.
+* ``float16`` and ``bfloat16`` are computed in ``float32`` (:func:`compute_dtype`) and the result is
+  cast back by the caller where the function returns the input dtype.
+* Complex and non-numeric inputs raise :class:`TypeError`.
+* Shape, axis and option problems raise :class:`ValueError`.
+
+Every message names the public function and the argument, and gives what was expected and what
+was received.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+Axis = int | Sequence[int] | None
+
+_LOW_PRECISION = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+def default_float() -> np.dtype:
+    """JAX's default floating dtype (``float32``, or ``float64`` with ``jax_enable_x64``)."""
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
+def as_float_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
+    """Converts ``x`` to a real floating JAX array, promoting bool and integers.
+
+    Raises:
+      TypeError: if ``x`` is not numeric, or is complex.
+    """
+    try:
+        arr = jnp.asarray(x)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"{fn}: `{name}` must be a numeric array, got {type(x).__name__} ({err})"
+        ) from None
+    dtype = arr.dtype
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{fn}: `{name}` must be real; complex input (dtype {dtype}) is not supported"
+        )
+    if jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer):
+        return arr.astype(default_float())
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{fn}: `{name}` must be a numeric array, got dtype {dtype}")
+    return arr
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype reductions run in: ``float32`` for 16-bit floats, else ``dtype`` itself."""
+    return jnp.dtype(jnp.float32) if jnp.dtype(dtype) in _LOW_PRECISION else jnp.dtype(dtype)
+
+
+def normalize_axes(fn: str, axis: Axis, ndim: int) -> tuple[int, ...]:
+    """Returns ``axis`` as a sorted tuple of non-negative ints (``None`` means every axis).
+
+    Raises:
+      TypeError: if an axis is not an integer.
+      ValueError: if an axis is out of range or repeated.
+    """
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if not isinstance(axis, Sequence) else tuple(axis)
+    out = []
+    for a in axes:
+        try:
+            a = operator.index(a)
+        except TypeError:
+            raise TypeError(
+                f"{fn}: `axis` must be an int, a sequence of ints or None, got {axis!r}"
+            ) from None
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{fn}: `axis` {a} is out of range for an input of rank {ndim} "
+                f"(expected -{ndim} <= axis < {ndim})"
+            )
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{fn}: `axis` has a repeated entry: {axis!r}")
+    return tuple(sorted(out))
+
+
+def check_broadcasts_to(fn: str, name: str, arr: jax.Array, shape: tuple[int, ...]) -> None:
+    """Checks that ``arr`` broadcasts to ``shape`` without changing it.
+
+    Raises:
+      ValueError: if it does not.
+    """
+    try:
+        ok = np.broadcast_shapes(arr.shape, shape) == tuple(shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{fn}: `{name}` of shape {tuple(arr.shape)} does not broadcast to the input's "
+            f"shape {tuple(shape)}"
+        )
+
+
+def as_mask(fn: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
+    """Converts ``where`` to a boolean array that broadcasts to ``shape`` (or keeps ``None``).
+
+    Raises:
+      TypeError: if ``where`` is not numeric or boolean.
+      ValueError: if it does not broadcast to ``shape``.
+    """
+    if where is None:
+        return None
+    try:
+        mask = jnp.asarray(where)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{fn}: `where` must be a boolean array ({err})") from None
+    if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.number)):
+        raise TypeError(f"{fn}: `where` must be a boolean array, got dtype {mask.dtype}")
+    check_broadcasts_to(fn, "where", mask, shape)
+    return mask if mask.dtype == jnp.bool_ else mask != 0

@@ -1,0 +1,487 @@
+r"""logsumexp, log_softmax and softmax: public wrappers, private custom_jvp cores and their rules.
+
+All three share one computation of per-row statistics (:func:`_row_stats`). With
+:math:`m = \max_j x_j` over the included entries and :math:`z_j = x_j - m`,
+
+.. math::
+  t = \sum_{j:\, z_j < 0} e^{z_j}, \qquad c = \#\{j : z_j = 0\}, \qquad
+  \sum_j e^{z_j} = 1 + s', \quad s' = t + (c - 1),
+
+so that :math:`\operatorname{logsumexp}(x) = m + \operatorname{log1p}(s')` keeps full relative
+accuracy when one entry dominates (:math:`s'` tiny), where :math:`m + \log(1 + s')` would round
+:math:`1 + s'` to 1 and return 0 for a log-probability of about :math:`-s'`.
+
+Infinite maxima are handled by their limits: a row whose maximum is :math:`+\infty` puts equal
+probability on its :math:`+\infty` entries, and a row with no finite or :math:`+\infty` entry (all
+:math:`-\infty`, or all excluded by ``where``) has ``logsumexp = -inf``, ``log_softmax = -inf``
+and ``softmax = 0`` with zero derivatives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Literal, overload
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from ._checks import (
+    Axis,
+    as_float_array,
+    as_mask,
+    check_broadcasts_to,
+    compute_dtype,
+    normalize_axes,
+)
+
+# The reductions below touch the (..., n) input with arithmetic only (subtract, exp, floor,
+# maximum, minimum): no per-element selects, which XLA:CPU cannot fuse into its fast reduction
+# kernels. Infinite and empty rows are dealt with per row, on the reduced statistics.
+#
+# XLA:CPU (jax 0.10) also reduces rows longer than 32768 elements several times slower per byte
+# than shorter ones. Such rows are cut into blocks of at most _BLOCK elements that are reduced
+# first, and the block results are reduced second. The optimization barriers keep XLA from merging
+# the two reductions back into one; they change no value, so the result is the same on every
+# backend. The two-level sum is also more accurate than one long running sum.
+_LONG_ROW = 32768
+_BLOCK = 16384
+_MIN_BLOCK = 1024
+
+
+def _block_size(n: int) -> int | None:
+    """The largest divisor of ``n`` in ``[_MIN_BLOCK, _BLOCK]`` if ``n`` is a long row."""
+    if n <= _LONG_ROW:
+        return None
+    for count in range(-(-n // _BLOCK), n // _MIN_BLOCK + 1):
+        if n % count == 0:
+            return n // count
+    return None
+
+
+def _reduce(
+    op: str,
+    fn: Callable[..., jax.Array],
+    axes: tuple[int, ...],
+    *arrays: jax.Array,
+    channels: int = 0,
+) -> jax.Array:
+    """Reduces ``fn(*arrays)`` over ``axes`` with ``op`` ("max" or "sum"), keeping dims.
+
+    ``arrays`` broadcast together; an array whose reduced axes all have size 1 holds one value per
+    row. ``fn`` is elementwise, so it may be applied to blocks of the rows. With ``channels > 0``,
+    ``fn`` returns an extra axis of that size right after the row axes (..., channels, n), which
+    the result keeps as its last axis: one fused pass computes several sums.
+    """
+    red = jnp.max if op == "max" else jnp.sum
+    kwargs = {"initial": -jnp.inf} if op == "max" else {}
+    shape = tuple(np.broadcast_shapes(*(a.shape for a in arrays)))
+    ndim, nred = len(shape), len(axes)
+    n = math.prod(shape[a] for a in axes)
+    trailing = axes == tuple(range(ndim - nred, ndim))
+    k = _block_size(n) if trailing else None
+    outer = shape[: ndim - nred]
+    rows = math.prod(outer)
+    if k is None and not channels:
+        return red(fn(*arrays), axis=axes, keepdims=True, **kwargs)
+    if not trailing:
+        # Only reached with channels: bring the reduced axes to the end (a transpose).
+        moved = tuple(range(ndim - nred, ndim))
+        arrays = tuple(jnp.moveaxis(jnp.broadcast_to(a, shape) if a.ndim < ndim else a,
+                                    axes, moved) for a in arrays)
+        out = _reduce(op, fn, moved, *arrays, channels=channels)
+        keep = tuple(1 if i in axes else shape[i] for i in range(ndim))
+        return out.reshape(keep + (channels,))
+    if k is None:
+        # Flatten the row axes so the channel axis sits just before them.
+        k, count = n, 1
+    else:
+        count = n // k
+    per_row = [a.ndim == ndim and all(a.shape[i] == 1 for i in axes) for a in arrays]
+    full = tuple(jnp.broadcast_to(a, shape).reshape(rows * count, k)
+                 for a, p in zip(arrays, per_row, strict=True) if not p)
+    if count > 1:
+        full = lax.optimization_barrier(full)
+    full_iter = iter(full)
+    blocks = []
+    for a, p in zip(arrays, per_row, strict=True):
+        if p:
+            a = jnp.broadcast_to(a, outer + (1,) * nred).reshape(rows, 1, 1)
+            a = jnp.broadcast_to(a, (rows, count, 1)).reshape(rows * count, 1)
+        else:
+            a = next(full_iter)
+        blocks.append(a[:, None, :] if channels else a)
+    part = red(fn(*blocks), axis=-1, **kwargs)  # (rows * count,) or (rows * count, channels)
+    if count > 1:
+        part = lax.optimization_barrier(part)
+    tail = (channels,) if channels else ()
+    part = red(part.reshape((rows, count) + tail), axis=1, **kwargs)
+    return part.reshape(outer + (1,) * nred + tail)
+
+
+def _masked_max(axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Max over the included entries (``-inf`` if none); NaN propagates. Keeps dims."""
+    if mask is None:
+        return _reduce("max", lambda v: v, axes, x)
+    return _reduce("max", lambda v, w: jnp.where(w, v, -jnp.inf), axes, x, mask)
+
+
+def _shift_of(m: jax.Array) -> jax.Array:
+    """Per-row shift: ``m`` if finite, the dtype's max for ``+inf``, 0 for ``-inf``, NaN kept."""
+    big = jnp.finfo(m.dtype).max
+    return jnp.where(m == jnp.inf, big, jnp.where(m == -jnp.inf, jnp.zeros_like(m), m))
+
+
+def _z(x: jax.Array, shift: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    r"""``z = x - m`` with ``+inf`` clipped to the dtype's max first.
+
+    In a row whose max is ``+inf`` this puts 0 at the :math:`+\infty` entries and about
+    :math:`-3\cdot 10^{38}` elsewhere, so ``exp(z)`` is their limit (1 and 0). In a row with no
+    entry it is ``-inf`` everywhere. Excluded entries are ``-inf``.
+    """
+    z = jnp.minimum(x, jnp.finfo(x.dtype).max) - shift
+    return z if mask is None else jnp.where(mask, z, -jnp.inf)
+
+
+def _sum_exp(
+    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns ``(m, shift, S)`` with ``S = sum_j exp(z_j)``, reduced axes kept."""
+    m = _masked_max(axes, x, mask)
+    shift = _shift_of(m)
+    if mask is None:
+        s = _reduce("sum", lambda v, sh: jnp.exp(_z(v, sh)), axes, x, shift)
+    else:
+        s = _reduce("sum", lambda v, sh, w: jnp.exp(_z(v, sh, w)), axes, x, shift, mask)
+    return m, shift, s
+
+
+def _split_sum_exp(
+    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    r"""Returns ``(m, shift, t, c)`` of the module docstring, reduced axes kept.
+
+    ``k_j = max(floor(z_j + 1), 0)`` is 1 exactly for the entries at the max (``z_j`` rounds to
+    0) and 0 for the others, so ``t = sum_j (exp(z_j) - k_j)`` and ``c = sum_j k_j`` split
+    :math:`\sum_j e^{z_j} = t + c` without any cancellation. Both come out of one fused pass.
+    """
+    m = _masked_max(axes, x, mask)
+    shift = _shift_of(m)
+    one_zero = jnp.array([1.0, 0.0], x.dtype)[:, None]  # channel selector, (2, 1)
+
+    def fn(v: jax.Array, sh: jax.Array, *w: jax.Array) -> jax.Array:
+        z = _z(v, sh, w[0] if w else None)
+        k = jnp.maximum(jnp.floor(z + 1), 0.0)
+        return one_zero * jnp.exp(z) - (2 * one_zero - 1) * k
+
+    args = (x, shift) if mask is None else (x, shift, mask)
+    tc = _reduce("sum", fn, axes, *args, channels=2)
+    return m, shift, tc[..., 0], tc[..., 1]
+
+
+def _masked(v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return v if mask is None else jnp.where(mask, v, jnp.zeros_like(v))
+
+
+# --------------------------------------------------------------------------------------------
+# logsumexp
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _logsumexp_core(
+    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None, b: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    if b is None:
+        m, shift, total = _sum_exp(axes, x, mask)
+    else:
+        counted = b != 0 if mask is None else mask & (b != 0)
+        m = _masked_max(axes, x, counted)
+        shift = _shift_of(m)
+        total = _reduce(
+            "sum", lambda v, sh, w, bb: bb * jnp.exp(_z(v, sh, w)), axes, x, shift, counted, b
+        )
+    sign = jnp.sign(total)
+    out = jnp.where(m == jnp.inf, jnp.inf, shift + jnp.log(jnp.abs(total))).astype(x.dtype)
+    return out, sign.astype(x.dtype)
+
+
+@_logsumexp_core.defjvp
+def _logsumexp_jvp(axes, primals, tangents):
+    x, mask, b = primals
+    x_dot, _, b_dot = tangents
+    out, sign = _logsumexp_core(axes, x, mask, b)
+    x_dot = _masked(x_dot, mask)
+    if b is None:
+        # d lse = sum_j softmax_j dx_j. softmax is itself a custom_jvp core, so derivatives of any
+        # order stay exact; it is 0 on excluded entries and on rows with no entry, which gives
+        # those a zero tangent instead of exp(-inf - (-inf)) = NaN.
+        y = _softmax_core(axes, x, mask)
+        out_dot = jnp.sum(y * x_dot, axis=axes, keepdims=True)
+    else:
+        # d lse = sum_j (b_j dx_j + db_j) e^{x_j - m} / s with m the max over b != 0. The db_j
+        # term uses every included entry, also those with b_j == 0 (whose value is excluded from
+        # the sum but whose derivative is e^{x_j - lse}, not 0). m is held constant: the ratio
+        # does not depend on it, so higher derivatives stay exact. Rows with s == 0 (no entry
+        # counts) have lse = -inf and get a zero tangent rather than 0 / 0.
+        nonzero = b != 0 if mask is None else mask & (b != 0)
+        m = lax.stop_gradient(_masked_max(axes, x, nonzero))
+        e = jnp.exp(_z(x, _shift_of(m), mask))
+        # e <= 1 where b != 0; elsewhere it may overflow, and is clipped where it multiplies b
+        # so that 0 * inf never appears (d s / d b_j = e_j must survive at b_j = 0).
+        e_fin = jnp.minimum(e, jnp.finfo(e.dtype).max)
+        s = jnp.sum(_masked(b * e_fin, mask), axis=axes, keepdims=True)
+        num = jnp.sum(_masked(b * e_fin * x_dot, mask), axis=axes, keepdims=True)
+        num = num + jnp.sum(_masked(e * b_dot, mask), axis=axes, keepdims=True)
+        ok = s != 0
+        out_dot = jnp.where(ok, num / jnp.where(ok, s, 1.0), 0.0)
+    return (out, sign), (out_dot.astype(out.dtype), jnp.zeros_like(sign))
+
+
+@overload
+def logsumexp(
+    a: ArrayLike,
+    axis: Axis = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    return_sign: Literal[False] = False,
+    where: ArrayLike | None = None,
+) -> jax.Array: ...
+
+
+@overload
+def logsumexp(
+    a: ArrayLike,
+    axis: Axis = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    *,
+    return_sign: Literal[True],
+    where: ArrayLike | None = None,
+) -> tuple[jax.Array, jax.Array]: ...
+
+
+def logsumexp(
+    a: ArrayLike,
+    axis: Axis = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    return_sign: bool = False,
+    where: ArrayLike | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""Log-sum-exp reduction, stable at every magnitude, with a custom JVP rule.
+
+    .. math::
+      \operatorname{logsumexp}(a) = \log \sum_i b_i \exp a_i
+      = m + \operatorname{log1p}\Big(\sum_i b_i e^{a_i - m} - 1\Big),
+      \qquad m = \max_{i:\, b_i \ne 0} a_i,
+
+    where :math:`i` ranges over the entries along ``axis`` that ``where`` includes and
+    :math:`b_i = 1` when ``b`` is None. A drop-in replacement for :func:`jax.nn.logsumexp`.
+
+    Args:
+      a: input array of real numbers. Booleans and integers promote to the default float dtype.
+        Complex input raises :class:`TypeError` (:func:`jax.nn.logsumexp` accepts it).
+      axis: int, tuple of ints, or None (every axis) to reduce over.
+      b: scale factors for :math:`e^{a_i}`, broadcastable to ``a``'s shape. Entries with
+        :math:`b_i = 0` add nothing to the value, but their derivative with respect to ``b``
+        is :math:`e^{a_i - \text{result}}`.
+      keepdims: keep the reduced axes with size 1.
+      return_sign: also return the sign of the sum. Without it, a negative sum gives NaN.
+      where: boolean mask broadcastable to ``a``'s shape; excluded entries take no part in the
+        value or any derivative, even if they hold ``inf`` or NaN.
+
+    Returns:
+      The reduction, of ``a``'s shape without (or with size-1, if ``keepdims``) the reduced
+      axes, in the promoted dtype of ``a`` and ``b``; or ``(result, sign)`` if ``return_sign``.
+      ``-inf`` for a row with no included entry (its gradient is 0), ``+inf`` for a row holding
+      ``+inf`` (its gradient is uniform over the ``+inf`` entries), NaN for a row holding NaN.
+      float16 and bfloat16 are reduced in float32 and rounded once.
+
+    Raises:
+      TypeError: if ``a`` or ``b`` is not a real numeric array, or ``axis`` is not an integer.
+      ValueError: if ``axis`` is out of range or repeated, or ``b`` or ``where`` does not
+        broadcast to ``a``'s shape.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxlse
+      >>> jaxlse.logsumexp(jnp.array([1000.0, 1000.0]))
+      Array(1000.6931, dtype=float32)
+      >>> jaxlse.logsumexp(jnp.array([[0.0, 1.0], [2.0, -jnp.inf]]), axis=1)
+      Array([1.3132616, 2.       ], dtype=float32)
+
+    See also:
+      :func:`jax.nn.logsumexp`, :func:`scipy.special.logsumexp`, :func:`torch.logsumexp`.
+    """
+    fn = "logsumexp"
+    x = as_float_array(fn, "a", a)
+    if b is not None:
+        b_arr = as_float_array(fn, "b", b)
+        check_broadcasts_to(fn, "b", b_arr, x.shape)
+        out_dtype = jnp.result_type(x, b_arr)
+        b_arr = b_arr.astype(compute_dtype(out_dtype))
+    else:
+        b_arr = None
+        out_dtype = x.dtype
+    mask = as_mask(fn, where, x.shape)
+    axes = normalize_axes(fn, axis, x.ndim)
+    out, sign = _logsumexp_core(axes, x.astype(compute_dtype(out_dtype)), mask, b_arr)
+    if not keepdims:
+        out, sign = jnp.squeeze(out, axes), jnp.squeeze(sign, axes)
+    if b_arr is not None and not return_sign:
+        out = jnp.where(sign < 0, jnp.nan, out)
+    out, sign = out.astype(out_dtype), sign.astype(out_dtype)
+    return (out, sign) if return_sign else out
+
+
+# --------------------------------------------------------------------------------------------
+# log_softmax
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _log_softmax_core(
+    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+    m, shift, t, c = _split_sum_exp(axes, x, mask)
+    # log(sum_j e^{z_j}) = log1p(t + c - 1): exact to the last bit when one entry dominates.
+    out = _z(x, shift, mask) - jnp.log1p(t + (c - 1))
+    # Rows with no entry are -inf; in rows holding +inf, the finite entries are -inf.
+    gone = (m == -jnp.inf) | ((m == jnp.inf) & (x < jnp.inf))
+    return jnp.where(gone, -jnp.inf, out).astype(x.dtype)
+
+
+@_log_softmax_core.defjvp
+def _log_softmax_jvp(axes, primals, tangents):
+    x, mask = primals
+    x_dot, _ = tangents
+    out = _log_softmax_core(axes, x, mask)
+    # Keeps only the output: softmax is exp(out), recomputed elementwise in the backward pass,
+    # so no (N, V) residual and no second reduction. Entries whose output is -inf (excluded,
+    # -inf inputs, rows with no entry) are constant and get a zero tangent rather than dx.
+    y = jnp.exp(out)
+    x_dot = _masked(x_dot, mask)
+    out_dot = x_dot - jnp.sum(y * x_dot, axis=axes, keepdims=True)
+    return out, jnp.where(out == -jnp.inf, 0.0, out_dot).astype(out.dtype)
+
+
+def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:
+    r"""Log-softmax, accurate for small and large results, with a custom JVP rule.
+
+    .. math::
+      \operatorname{log\_softmax}(x)_i = x_i - \operatorname{logsumexp}(x)
+      = (x_i - m) - \operatorname{log1p}\Big(\sum_j e^{x_j - m} - 1\Big),
+      \qquad m = \max_j x_j,
+
+    with :math:`j` over the entries along ``axis`` that ``where`` includes. The ``log1p`` form
+    keeps the relative accuracy of a dominant entry's tiny log-probability (about
+    :math:`-\sum_{j \ne i} e^{x_j - x_i}`), which ``log(sum(...))`` rounds to 0. A drop-in
+    replacement for :func:`jax.nn.log_softmax`; float32 results are within a few ulp of the
+    exact value.
+
+    Args:
+      x: input array of real numbers (booleans and integers promote to the default float dtype;
+        complex input raises :class:`TypeError`).
+      axis: int, tuple of ints, or None (every axis) along which to normalise.
+      where: boolean mask broadcastable to ``x``'s shape. Excluded entries give ``-inf`` and take
+        no part in the value or any derivative of the others.
+
+    Returns:
+      An array of ``x``'s shape and (promoted) dtype. A row with no included entry, or whose
+      entries are all ``-inf``, is ``-inf`` with zero derivative. A row holding ``+inf`` gives
+      ``-log(k)`` at its ``k`` ``+inf`` entries and ``-inf`` elsewhere, with finite derivatives.
+      float16 and bfloat16 are computed in float32 and rounded once.
+
+    Raises:
+      TypeError: if ``x`` is not a real numeric array, or ``axis`` is not an integer.
+      ValueError: if ``axis`` is out of range or repeated, or ``where`` does not broadcast.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxlse
+      >>> logits = jnp.array([[2.0, 5.0, 3.0], [1.0, 2.0, 7.0]])
+      >>> jaxlse.log_softmax(logits)
+      Array([[-3.1698461 , -0.16984604, -2.169846  ],
+             [-6.0083594 , -5.0083594 , -0.00835944]], dtype=float32)
+
+    See also:
+      :func:`jax.nn.log_softmax`, :func:`torch.nn.functional.log_softmax`, :func:`softmax`.
+    """
+    fn = "log_softmax"
+    arr = as_float_array(fn, "x", x)
+    mask = as_mask(fn, where, arr.shape)
+    axes = normalize_axes(fn, axis, arr.ndim)
+    return _log_softmax_core(axes, arr.astype(compute_dtype(arr.dtype)), mask).astype(arr.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# softmax
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _softmax_core(axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    _, shift, total = _sum_exp(axes, x, mask)
+    return (jnp.exp(_z(x, shift, mask)) / jnp.where(total == 0, 1.0, total)).astype(x.dtype)
+
+
+@_softmax_core.defjvp
+def _softmax_jvp(axes, primals, tangents):
+    x, mask = primals
+    x_dot, _ = tangents
+    y = _softmax_core(axes, x, mask)
+    # Keeps y only (the output); y is 0 on excluded entries and on rows with no entry, so those
+    # get a zero tangent whatever their input held.
+    x_dot = _masked(x_dot, mask)
+    return y, y * (x_dot - jnp.sum(y * x_dot, axis=axes, keepdims=True))
+
+
+def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:
+    r"""Softmax, stable at every magnitude, with a custom JVP rule.
+
+    .. math::
+      \operatorname{softmax}(x)_i = \frac{e^{x_i - m}}{\sum_j e^{x_j - m}}, \qquad m = \max_j x_j,
+
+    with :math:`j` over the entries along ``axis`` that ``where`` includes. A drop-in
+    replacement for :func:`jax.nn.softmax`.
+
+    Accuracy: one ``exp`` and one division per entry. The rounding of :math:`x_i - m` is
+    amplified by ``exp``, so in float32 the relative error is about
+    :math:`(|x_i - m| + 3)\cdot 2^{-24}` plus ``exp``'s own error (1 to 2 ulp on XLA:CPU),
+    which is the floor for any method built on float32 ``exp``.
+
+    Args:
+      x: input array of real numbers (booleans and integers promote to the default float dtype;
+        complex input raises :class:`TypeError`).
+      axis: int, tuple of ints, or None (every axis) along which to normalise.
+      where: boolean mask broadcastable to ``x``'s shape. Excluded entries give 0 and take no part
+        in the value or any derivative.
+
+    Returns:
+      An array of ``x``'s shape and (promoted) dtype that sums to 1 along ``axis``, except for a
+      row with no included entry or whose entries are all ``-inf``, which is 0 (with zero
+      derivative). A row holding ``+inf`` is split evenly among its ``+inf`` entries. float16 and
+      bfloat16 are computed in float32 and rounded once.
+
+    Raises:
+      TypeError: if ``x`` is not a real numeric array, or ``axis`` is not an integer.
+      ValueError: if ``axis`` is out of range or repeated, or ``where`` does not broadcast.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxlse
+      >>> jaxlse.softmax(jnp.array([0.0, jnp.log(3.0)]))
+      Array([0.25, 0.75], dtype=float32)
+      >>> jaxlse.softmax(jnp.array([1.0, 2.0, 3.0]), where=jnp.array([True, True, False]))
+      Array([0.26894143, 0.7310586 , 0.        ], dtype=float32)
+
+    See also:
+      :func:`jax.nn.softmax`, :func:`torch.nn.functional.softmax`, :func:`log_softmax`.
+    """
+    fn = "softmax"
+    arr = as_float_array(fn, "x", x)
+    mask = as_mask(fn, where, arr.shape)
+    axes = normalize_axes(fn, axis, arr.ndim)
+    return _softmax_core(axes, arr.astype(compute_dtype(arr.dtype)), mask).astype(arr.dtype)
