@@ -39,15 +39,16 @@ from ._checks import (
     normalize_axes,
 )
 
-# The reductions below touch the (..., n) input with arithmetic only (subtract, exp, floor,
-# maximum, minimum): no per-element selects, which XLA:CPU cannot fuse into its fast reduction
-# kernels. Infinite and empty rows are dealt with per row, on the reduced statistics.
+# The (..., n) input is touched with arithmetic only (subtract, exp, floor, maximum, minimum):
+# no selects and no operations on the reduced statistics between the reductions. XLA:CPU then
+# fuses the max, the sums and the output of a row into one kernel, as it does for jax.nn's
+# softmax. Infinite rows are handled by the same arithmetic (see _z); `where` masks need selects.
 #
-# XLA:CPU (jax 0.10) also reduces rows longer than 32768 elements several times slower per byte
-# than shorter ones. Such rows are cut into blocks of at most _BLOCK elements that are reduced
-# first, and the block results are reduced second. The optimization barriers keep XLA from merging
-# the two reductions back into one; they change no value, so the result is the same on every
-# backend. The two-level sum is also more accurate than one long running sum.
+# XLA:CPU (jax 0.10) reduces rows longer than 32768 elements several times slower per byte than
+# shorter ones. Such rows are cut into blocks of at most _BLOCK elements that are reduced first,
+# and the block results are reduced second. The optimization barriers keep XLA from merging the two
+# reductions back into one; they change no value, so the result is the same on every backend. The
+# two-level sum is also more accurate than one long running sum.
 _LONG_ROW = 32768
 _BLOCK = 16384
 _MIN_BLOCK = 1024
@@ -64,123 +65,112 @@ def _block_size(n: int) -> int | None:
 
 
 def _reduce(
-    op: str,
-    fn: Callable[..., jax.Array],
-    axes: tuple[int, ...],
-    *arrays: jax.Array,
-    channels: int = 0,
+    op: str, fn: Callable[..., jax.Array], axes: tuple[int, ...], *arrays: jax.Array
 ) -> jax.Array:
     """Reduces ``fn(*arrays)`` over ``axes`` with ``op`` ("max" or "sum"), keeping dims.
 
     ``arrays`` broadcast together; an array whose reduced axes all have size 1 holds one value per
-    row. ``fn`` is elementwise, so it may be applied to blocks of the rows. With ``channels > 0``,
-    ``fn`` returns an extra axis of that size right after the row axes (..., channels, n), which
-    the result keeps as its last axis: one fused pass computes several sums.
+    row. ``fn`` is elementwise, so it may be applied to blocks of the rows.
     """
-    red = jnp.max if op == "max" else jnp.sum
-    kwargs = {"initial": -jnp.inf} if op == "max" else {}
+    def red(v: jax.Array, axis: int | tuple[int, ...], keepdims: bool = False) -> jax.Array:
+        dims = (axis,) if isinstance(axis, int) else axis
+        dims = tuple(d % v.ndim for d in dims)
+        if op == "sum":
+            r = jnp.sum(v, axis=dims)
+        else:
+            # A plain reduce with initial value -big (not jnp.max(..., initial=...), which adds a
+            # separate maximum op that splits XLA:CPU's fused kernel). A row with no entry or only
+            # -inf gets -big; NaN propagates.
+            r = lax.reduce(v, np.array(-jnp.finfo(v.dtype).max, v.dtype), lax.max, dims)
+        return lax.expand_dims(r, dims) if keepdims else r
+
     shape = tuple(np.broadcast_shapes(*(a.shape for a in arrays)))
     ndim, nred = len(shape), len(axes)
     n = math.prod(shape[a] for a in axes)
-    trailing = axes == tuple(range(ndim - nred, ndim))
-    k = _block_size(n) if trailing else None
-    outer = shape[: ndim - nred]
-    rows = math.prod(outer)
-    if k is None and not channels:
-        return red(fn(*arrays), axis=axes, keepdims=True, **kwargs)
-    if not trailing:
-        # Only reached with channels: bring the reduced axes to the end (a transpose).
-        moved = tuple(range(ndim - nred, ndim))
-        arrays = tuple(jnp.moveaxis(jnp.broadcast_to(a, shape) if a.ndim < ndim else a,
-                                    axes, moved) for a in arrays)
-        out = _reduce(op, fn, moved, *arrays, channels=channels)
-        keep = tuple(1 if i in axes else shape[i] for i in range(ndim))
-        return out.reshape(keep + (channels,))
+    k = _block_size(n) if axes == tuple(range(ndim - nred, ndim)) else None
     if k is None:
-        # Flatten the row axes so the channel axis sits just before them.
-        k, count = n, 1
-    else:
-        count = n // k
+        return red(fn(*arrays), axis=axes, keepdims=True)
+    outer = shape[: ndim - nred]
+    rows, count = math.prod(outer), n // k
     per_row = [a.ndim == ndim and all(a.shape[i] == 1 for i in axes) for a in arrays]
-    full = tuple(jnp.broadcast_to(a, shape).reshape(rows * count, k)
-                 for a, p in zip(arrays, per_row, strict=True) if not p)
-    if count > 1:
-        full = lax.optimization_barrier(full)
+    full = lax.optimization_barrier(
+        tuple(jnp.broadcast_to(a, shape).reshape(rows * count, k)
+              for a, p in zip(arrays, per_row, strict=True) if not p)
+    )
     full_iter = iter(full)
     blocks = []
     for a, p in zip(arrays, per_row, strict=True):
         if p:
             a = jnp.broadcast_to(a, outer + (1,) * nred).reshape(rows, 1, 1)
-            a = jnp.broadcast_to(a, (rows, count, 1)).reshape(rows * count, 1)
+            blocks.append(jnp.broadcast_to(a, (rows, count, 1)).reshape(rows * count, 1))
         else:
-            a = next(full_iter)
-        blocks.append(a[:, None, :] if channels else a)
-    part = red(fn(*blocks), axis=-1, **kwargs)  # (rows * count,) or (rows * count, channels)
-    if count > 1:
-        part = lax.optimization_barrier(part)
-    tail = (channels,) if channels else ()
-    part = red(part.reshape((rows, count) + tail), axis=1, **kwargs)
-    return part.reshape(outer + (1,) * nred + tail)
+            blocks.append(next(full_iter))
+    part = lax.optimization_barrier(red(fn(*blocks), axis=1))
+    part = red(part.reshape(rows, count), axis=1)
+    return part.reshape(outer + (1,) * nred)
 
 
 def _masked_max(axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Max over the included entries (``-inf`` if none); NaN propagates. Keeps dims."""
+    """``max(-big, max_j x_j)`` over the included entries; NaN propagates. Keeps dims.
+
+    A row with no entry, or with only ``-inf``, gets ``-big`` (the dtype's most negative finite
+    value), which keeps ``x - m`` free of ``-inf - (-inf)``; ``x`` is held constant.
+    """
+    x = lax.stop_gradient(x)
     if mask is None:
         return _reduce("max", lambda v: v, axes, x)
     return _reduce("max", lambda v, w: jnp.where(w, v, -jnp.inf), axes, x, mask)
 
 
-def _shift_of(m: jax.Array) -> jax.Array:
-    """Per-row shift: ``m`` if finite, the dtype's max for ``+inf``, 0 for ``-inf``, NaN kept."""
-    big = jnp.finfo(m.dtype).max
-    return jnp.where(m == jnp.inf, big, jnp.where(m == -jnp.inf, jnp.zeros_like(m), m))
+def _z(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    r"""``z = x - m`` for the row statistic ``m`` of :func:`_masked_max`, with ``+inf`` clipped.
 
-
-def _z(x: jax.Array, shift: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    r"""``z = x - m`` with ``+inf`` clipped to the dtype's max first.
-
-    In a row whose max is ``+inf`` this puts 0 at the :math:`+\infty` entries and about
-    :math:`-3\cdot 10^{38}` elsewhere, so ``exp(z)`` is their limit (1 and 0). In a row with no
-    entry it is ``-inf`` everywhere. Excluded entries are ``-inf``.
+    For finite rows this is ``x - m`` exactly. In a row whose max is :math:`+\infty` it is 0 at
+    the :math:`+\infty` entries and :math:`\le -2\cdot 10^{31}` (float32) elsewhere, so
+    ``exp(z)`` is their limit (1 and 0). In a row with no entry it is ``-inf``. Excluded entries
+    are ``-inf``. ``m`` is clipped after broadcasting, so that XLA keeps the whole row
+    computation in one fused kernel.
     """
-    z = jnp.minimum(x, jnp.finfo(x.dtype).max) - shift
+    big = jnp.finfo(x.dtype).max
+    m = jnp.broadcast_to(m, np.broadcast_shapes(x.shape, m.shape))
+    z = jnp.minimum(x, big) - jnp.minimum(m, big)
     return z if mask is None else jnp.where(mask, z, -jnp.inf)
+
+
+def _at_max(z: jax.Array) -> jax.Array:
+    """1 where ``z`` rounds to 0 (the row's max entries), else 0; ``z <= 0``."""
+    return jnp.maximum(jnp.floor(z + 1), 0.0)
 
 
 def _sum_exp(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Returns ``(m, shift, S)`` with ``S = sum_j exp(z_j)``, reduced axes kept."""
+) -> tuple[jax.Array, jax.Array]:
+    """Returns ``(m, S)`` with ``S = sum_j exp(z_j)``, reduced axes kept."""
     m = _masked_max(axes, x, mask)
-    shift = _shift_of(m)
     if mask is None:
-        s = _reduce("sum", lambda v, sh: jnp.exp(_z(v, sh)), axes, x, shift)
-    else:
-        s = _reduce("sum", lambda v, sh, w: jnp.exp(_z(v, sh, w)), axes, x, shift, mask)
-    return m, shift, s
+        return m, _reduce("sum", lambda v, mm: jnp.exp(_z(v, mm)), axes, x, m)
+    return m, _reduce("sum", lambda v, mm, w: jnp.exp(_z(v, mm, w)), axes, x, m, mask)
 
 
 def _split_sum_exp(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    r"""Returns ``(m, shift, t, c)`` of the module docstring, reduced axes kept.
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    r"""Returns ``(m, t, c)`` of the module docstring, reduced axes kept.
 
     ``k_j = max(floor(z_j + 1), 0)`` is 1 exactly for the entries at the max (``z_j`` rounds to
     0) and 0 for the others, so ``t = sum_j (exp(z_j) - k_j)`` and ``c = sum_j k_j`` split
-    :math:`\sum_j e^{z_j} = t + c` without any cancellation. Both come out of one fused pass.
+    :math:`\sum_j e^{z_j} = t + c` without cancellation.
     """
     m = _masked_max(axes, x, mask)
-    shift = _shift_of(m)
-    one_zero = jnp.array([1.0, 0.0], x.dtype)[:, None]  # channel selector, (2, 1)
+    args = (x, m) if mask is None else (x, m, mask)
 
-    def fn(v: jax.Array, sh: jax.Array, *w: jax.Array) -> jax.Array:
-        z = _z(v, sh, w[0] if w else None)
-        k = jnp.maximum(jnp.floor(z + 1), 0.0)
-        return one_zero * jnp.exp(z) - (2 * one_zero - 1) * k
+    def below(*a: jax.Array) -> jax.Array:
+        z = _z(*a)
+        return jnp.exp(z) - _at_max(z)
 
-    args = (x, shift) if mask is None else (x, shift, mask)
-    tc = _reduce("sum", fn, axes, *args, channels=2)
-    return m, shift, tc[..., 0], tc[..., 1]
+    t = _reduce("sum", below, axes, *args)
+    c = _reduce("sum", lambda *a: _at_max(_z(*a)), axes, *args)
+    return m, t, c
 
 
 def _masked(v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -196,16 +186,16 @@ def _logsumexp_core(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None, b: jax.Array | None
 ) -> tuple[jax.Array, jax.Array]:
     if b is None:
-        m, shift, total = _sum_exp(axes, x, mask)
+        m, total = _sum_exp(axes, x, mask)
     else:
         counted = b != 0 if mask is None else mask & (b != 0)
         m = _masked_max(axes, x, counted)
-        shift = _shift_of(m)
         total = _reduce(
-            "sum", lambda v, sh, w, bb: bb * jnp.exp(_z(v, sh, w)), axes, x, shift, counted, b
+            "sum", lambda v, mm, w, bb: bb * jnp.exp(_z(v, mm, w)), axes, x, m, counted, b
         )
     sign = jnp.sign(total)
-    out = jnp.where(m == jnp.inf, jnp.inf, shift + jnp.log(jnp.abs(total))).astype(x.dtype)
+    out = jnp.minimum(m, jnp.finfo(x.dtype).max) + jnp.log(jnp.abs(total))
+    out = jnp.where(m == jnp.inf, jnp.inf, out).astype(x.dtype)
     return out, sign.astype(x.dtype)
 
 
@@ -229,7 +219,7 @@ def _logsumexp_jvp(axes, primals, tangents):
         # counts) have lse = -inf and get a zero tangent rather than 0 / 0.
         nonzero = b != 0 if mask is None else mask & (b != 0)
         m = lax.stop_gradient(_masked_max(axes, x, nonzero))
-        e = jnp.exp(_z(x, _shift_of(m), mask))
+        e = jnp.exp(_z(x, m, mask))
         # e <= 1 where b != 0; elsewhere it may overflow, and is clipped where it multiplies b
         # so that 0 * inf never appears (d s / d b_j = e_j must survive at b_j = 0).
         e_fin = jnp.minimum(e, jnp.finfo(e.dtype).max)
@@ -346,12 +336,16 @@ def logsumexp(
 def _log_softmax_core(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
-    m, shift, t, c = _split_sum_exp(axes, x, mask)
+    m, t, c = _split_sum_exp(axes, x, mask)
     # log(sum_j e^{z_j}) = log1p(t + c - 1): exact to the last bit when one entry dominates.
-    out = _z(x, shift, mask) - jnp.log1p(t + (c - 1))
-    # Rows with no entry are -inf; in rows holding +inf, the finite entries are -inf.
-    gone = (m == -jnp.inf) | ((m == jnp.inf) & (x < jnp.inf))
-    return jnp.where(gone, -jnp.inf, out).astype(x.dtype)
+    # A row with no entry has c = 0 and gets log1p(0) = 0, so z - 0 = -inf there.
+    z = _z(x, m, mask)
+    # In a row holding +inf, z is 0 at the +inf entries and <= -2e31 elsewhere: scaling z by
+    # 1 + big sends the latter to -inf and keeps the former. d is 1 for such rows, else 0.
+    big = jnp.finfo(x.dtype).max
+    d = jnp.maximum(1 - jnp.exp(big - jnp.broadcast_to(m, z.shape)), 0.0)
+    out = z * (1 + d * big) - jnp.log1p(jnp.maximum(t + (c - 1), 0.0))
+    return out.astype(x.dtype)
 
 
 @_log_softmax_core.defjvp
@@ -423,8 +417,10 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _softmax_core(axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    _, shift, total = _sum_exp(axes, x, mask)
-    return (jnp.exp(_z(x, shift, mask)) / jnp.where(total == 0, 1.0, total)).astype(x.dtype)
+    m, total = _sum_exp(axes, x, mask)
+    # total >= 1 in any row with an entry (the max contributes e^0); a row without one has
+    # total = 0 and exp(z) = 0, which max(total, 1) turns into 0 rather than 0 / 0.
+    return (jnp.exp(_z(x, m, mask)) / jnp.maximum(total, 1.0)).astype(x.dtype)
 
 
 @_softmax_core.defjvp
