@@ -353,13 +353,13 @@ def _log_softmax_jvp(axes, primals, tangents):
     x, mask = primals
     x_dot, _ = tangents
     out = _log_softmax_core(axes, x, mask)
-    # Keeps only the output: softmax is exp(out), recomputed elementwise in the backward pass,
-    # so no (N, V) residual and no second reduction. Entries whose output is -inf (excluded,
-    # -inf inputs, rows with no entry) are constant and get a zero tangent rather than dx.
-    y = jnp.exp(out)
+    # Keeps what softmax keeps: y = softmax(x) is recomputed from x by the softmax core, whose
+    # own rule makes higher derivatives exact. Excluded entries are constant (-inf) and get a
+    # zero tangent; a row with no entry has y = 0, so nothing there reaches other entries.
+    y = _softmax_core(axes, x, mask)
     x_dot = _masked(x_dot, mask)
     out_dot = x_dot - jnp.sum(y * x_dot, axis=axes, keepdims=True)
-    return out, jnp.where(out == -jnp.inf, 0.0, out_dot).astype(out.dtype)
+    return out, _masked(out_dot, mask).astype(out.dtype)
 
 
 def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:
