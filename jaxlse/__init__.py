@@ -2,6 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._losses import cross_entropy as cross_entropy
+from ._losses import nll_loss as nll_loss
 from ._lse import log_softmax as log_softmax
 from ._lse import logsumexp as logsumexp
 from ._lse import softmax as softmax
@@ -11,4 +13,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
-__all__ = ["log_softmax", "logsumexp", "softmax"]
+__all__ = ["cross_entropy", "log_softmax", "logsumexp", "nll_loss", "softmax"]

@@ -1,0 +1,493 @@
+r"""nll_loss and cross_entropy: classification losses with PyTorch's options and a custom JVP.
+
+For one example with logits :math:`x` over :math:`C` classes, the loss is written as
+
+.. math::
+  \ell = \sum_c B_c\,\big(\operatorname{logsumexp}(x) - x_c\big) + \zeta\, s\,
+  \operatorname{logsumexp}(x)^2,
+
+where :math:`B_c \ge 0` is the weighted (and smoothed) target. With :math:`m = \max_c x_c`,
+:math:`z_c = x_c - m` and :math:`L = \operatorname{logsumexp}(x) - m =
+\operatorname{log1p}(t + c - 1)` (see :mod:`jaxlse._lse`), every term
+:math:`\operatorname{logsumexp}(x) - x_c = L - z_c` is a sum of two non-negative numbers, so the
+loss keeps its relative accuracy at every magnitude: no large :math:`\operatorname{logsumexp}`
+is subtracted from a large logit, and the tiny loss of a confident correct prediction is
+:math:`\operatorname{log1p}` of a tiny sum. The derivative is
+:math:`\partial\ell/\partial x_c = (A + 2\zeta s \operatorname{logsumexp}(x))\,p_c - B_c` with
+:math:`A = \sum_c B_c` and :math:`p = \operatorname{softmax}(x)`.
+"""
+
+from __future__ import annotations
+
+import operator
+from functools import partial
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from ._checks import as_float_array, compute_dtype
+from ._lse import _at_max, _masked_max, _reduce, _z
+
+Reduction = Literal["none", "sum", "mean"]
+_REDUCTIONS = ("none", "sum", "mean")
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks shared by both losses
+
+
+def _class_axis(fn: str, axis: int, ndim: int) -> int:
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"{fn}: `axis` must be an int, got {axis!r}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{fn}: `axis` {axis} is out of range for logits of rank {ndim} "
+            f"(expected -{ndim} <= axis < {ndim})"
+        )
+    return axis % ndim
+
+
+def _check_reduction(fn: str, reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"{fn}: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}"
+        )
+
+
+def _concrete(v: object) -> bool:
+    return not isinstance(v, jax.core.Tracer)
+
+
+def _prepare(
+    fn: str,
+    x: ArrayLike,
+    labels: ArrayLike,
+    axis: int,
+    weight: ArrayLike | None,
+    ignore_index: int | None,
+    where: ArrayLike | None,
+    reduction: str,
+) -> tuple[jax.Array, jax.Array, bool, jax.Array | None, jax.Array, jnp.dtype]:
+    """Checks and converts the arguments common to both losses.
+
+    Returns ``(x, labels, soft, weight, counted, out_dtype)`` with classes moved to the last axis
+    of ``x`` (and of soft ``labels``), ``x`` in its compute dtype, and ``counted`` a boolean array
+    of the batch shape: the examples that count (not ignored, not excluded by ``where``).
+    """
+    _check_reduction(fn, reduction)
+    arr = as_float_array(fn, "logits" if fn == "cross_entropy" else "log_probs", x)
+    if arr.ndim == 0:
+        raise ValueError(f"{fn}: the scores must have a class axis, got a scalar")
+    ax = _class_axis(fn, axis, arr.ndim)
+    out_dtype = compute_dtype(arr.dtype)
+    arr = jnp.moveaxis(arr, ax, -1).astype(out_dtype)
+    batch, num_classes = arr.shape[:-1], arr.shape[-1]
+    try:
+        lab = jnp.asarray(labels)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{fn}: `labels` must be an array ({err})") from None
+    if jnp.issubdtype(lab.dtype, jnp.integer):
+        soft = False
+        if lab.shape != batch:
+            raise ValueError(
+                f"{fn}: integer `labels` must have the scores' shape without the class axis, "
+                f"{batch}; got labels of shape {lab.shape} for scores of shape "
+                f"{tuple(jnp.shape(x))}"
+            )
+    elif jnp.issubdtype(lab.dtype, jnp.floating):
+        soft = True
+        if lab.shape != tuple(jnp.shape(x)):
+            raise ValueError(
+                f"{fn}: floating (soft) `labels` must have the scores' shape "
+                f"{tuple(jnp.shape(x))}; got {lab.shape}"
+            )
+        lab = jnp.moveaxis(lab, ax, -1).astype(out_dtype)
+    else:
+        raise TypeError(
+            f"{fn}: `labels` must be integer class indices or floating target probabilities, "
+            f"got dtype {lab.dtype}"
+        )
+    w = None
+    if weight is not None:
+        w = as_float_array(fn, "weight", weight)
+        if w.shape != (num_classes,):
+            raise ValueError(
+                f"{fn}: `weight` must have shape (num_classes,) = ({num_classes},), "
+                f"got {w.shape}"
+            )
+        w = w.astype(out_dtype)
+    counted = jnp.ones(batch, bool)
+    if where is not None:
+        mask = jnp.asarray(where)
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"{fn}: `where` must be a boolean array, got dtype {mask.dtype}")
+        try:
+            ok = np.broadcast_shapes(mask.shape, batch) == batch
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{fn}: `where` of shape {mask.shape} does not broadcast to the labels' batch "
+                f"shape {batch}"
+            )
+        counted = counted & mask
+    if ignore_index is not None:
+        try:
+            ignore_index = operator.index(ignore_index)
+        except TypeError:
+            raise TypeError(
+                f"{fn}: `ignore_index` must be an int or None, got {ignore_index!r}"
+            ) from None
+        if not soft:
+            counted = counted & (lab != ignore_index)
+    if not soft and _concrete(lab) and _concrete(counted):
+        lab_np, counted_np = np.asarray(lab), np.asarray(counted)
+        bad = counted_np & ((lab_np < 0) | (lab_np >= num_classes))
+        if bad.any():
+            pos = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{fn}: label {int(lab_np[pos])} at position {pos} is out of range for "
+                f"{num_classes} classes (expected 0 <= label < {num_classes}"
+                + (f" or label == ignore_index ({ignore_index})" if ignore_index is not None
+                   else "")
+                + ")"
+            )
+    return arr, lab, soft, w, counted, out_dtype
+
+
+def _reduce_loss(
+    loss: jax.Array, denom: jax.Array, reduction: str
+) -> jax.Array:
+    """Applies ``reduction``; "mean" divides by ``denom`` and gives 0 when ``denom`` is 0."""
+    if reduction == "none":
+        return loss
+    total = jnp.sum(loss)
+    if reduction == "sum":
+        return total
+    d = jnp.sum(denom)
+    return jnp.where(d > 0, total / jnp.where(d > 0, d, 1), jnp.zeros_like(total))
+
+
+# --------------------------------------------------------------------------------------------
+# nll_loss
+
+
+def nll_loss(
+    log_probs: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    reduction: Reduction = "mean",
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Negative log-likelihood loss for log-probabilities, as in PyTorch.
+
+    .. math::
+      \ell_i = -\sum_c w_c\, q_{ic} \log p_{ic},
+
+    with :math:`\log p` = ``log_probs``, :math:`w` = ``weight`` (1 if None) and :math:`q` the
+    one-hot of integer ``labels`` or the soft ``labels`` themselves. Terms with
+    :math:`q_{ic} = 0` are 0 even where :math:`\log p_{ic} = -\infty`.
+
+    Args:
+      log_probs: log-probabilities, shape ``(..., num_classes, ...)`` with classes on ``axis``
+        (e.g. the output of :func:`jaxlse.log_softmax`).
+      labels: integer class indices of ``log_probs``' shape without ``axis``, or floating target
+        probabilities of ``log_probs``' shape.
+      axis: the class axis.
+      weight: per-class weights of shape ``(num_classes,)``.
+      ignore_index: examples whose integer label equals it contribute nothing, to the value or
+        the gradient (unused for soft labels).
+      reduction: ``"none"`` (per-example losses), ``"sum"``, or ``"mean"``: PyTorch's weighted
+        mean, the sum divided by :math:`\sum_i w_{y_i}` over the counted examples for integer
+        labels, and by the number of counted examples for soft labels. When no example counts,
+        ``"mean"`` is 0 with zero gradient (PyTorch returns NaN).
+      where: boolean mask of the batch shape; ``False`` examples are excluded like ignored ones.
+
+    Returns:
+      A float array: the per-example losses (batch shape) for ``"none"``, else a scalar. Its
+      dtype is float32 for float16 / bfloat16 / float32 input and float64 for float64 input.
+      A counted integer label outside ``[0, num_classes)`` gives NaN for that example.
+
+    Raises:
+      TypeError: if ``log_probs`` or ``weight`` is not real, or ``labels`` is neither integer
+        nor floating, or ``where`` is not boolean.
+      ValueError: for mismatched shapes, a bad ``axis`` or ``reduction``, or (with concrete
+        labels) an out-of-range label that is not ``ignore_index``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxlse
+      >>> logits = jnp.array([[2.0, 5, 3], [1, 2, 7], [6, 3, 1], [4, 3, 3]])
+      >>> labels = jnp.array([1, 2, 1, 0])
+      >>> jaxlse.nll_loss(jaxlse.log_softmax(logits), labels)
+      Array(0.9463626, dtype=float32)
+
+    See also:
+      :func:`torch.nn.functional.nll_loss`, :func:`cross_entropy`.
+    """
+    fn = "nll_loss"
+    lp, lab, soft, w, counted, out_dtype = _prepare(
+        fn, log_probs, labels, axis, weight, ignore_index, where, reduction
+    )
+    num_classes = lp.shape[-1]
+    if soft:
+        b = lab if w is None else lab * w
+        terms = jnp.where(b == 0, 0.0, -b * lp)
+        loss = jnp.sum(terms, axis=-1)
+        denom = counted.astype(out_dtype)
+    else:
+        valid = (lab >= 0) & (lab < num_classes)
+        idx = jnp.where(valid, lab, 0)
+        picked = jnp.take_along_axis(lp, idx[..., None], axis=-1)[..., 0]
+        wy = jnp.ones_like(picked) if w is None else w[idx]
+        loss = jnp.where(valid, -wy * picked, jnp.nan)
+        denom = jnp.where(counted, wy, 0.0)
+    loss = jnp.where(counted, loss, 0.0)
+    return _reduce_loss(loss, denom, reduction).astype(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# cross_entropy
+
+
+def _ce_row(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-example ``(m, L, lse)`` with ``L = lse - m = log1p(t + c - 1)``, classes last.
+
+    Shared by the primal and the rule, which XLA computes once.
+    """
+    axes = (x.ndim - 1,)
+    m = _masked_max(axes, x, None)
+
+    def below(v: jax.Array, mm: jax.Array) -> jax.Array:
+        z = _z(v, mm)
+        return jnp.exp(z) - _at_max(z)
+
+    t = _reduce("sum", below, axes, x, m)
+    c = _reduce("sum", lambda v, mm: _at_max(_z(v, mm)), axes, x, m)
+    log_sum = jnp.log1p(jnp.maximum(t + (c - 1), 0.0))
+    big = jnp.finfo(x.dtype).max
+    lse = jnp.where(m == jnp.inf, jnp.inf, jnp.minimum(m, big) + log_sum)
+    return m, log_sum, lse
+
+
+def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:
+    """``sum_c tw_c * (m - x_c)`` over the classes (last axis); ``0 * inf = 0``."""
+
+    def term(v: jax.Array, mm: jax.Array, ww: jax.Array) -> jax.Array:
+        return jnp.where(ww == 0, 0.0, ww * -_z(v, mm))
+
+    return _reduce("sum", term, (x.ndim - 1,), x, m, tw)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _ce_core(
+    soft: bool,
+    smoothing: bool,
+    x: jax.Array,
+    labels: jax.Array,
+    weight: jax.Array | None,
+    eps: jax.Array,
+    zeta: jax.Array,
+    counted: jax.Array,
+) -> jax.Array:
+    """Per-example loss (batch shape, classes last); 0 where not ``counted``.
+
+    ``smoothing`` (static) is False when ``eps`` is known to be 0, which skips a pass.
+    """
+    num_classes = x.shape[-1]
+    m, log_sum, lse = _ce_row(x)
+    if soft:
+        q = labels * (1 - eps) + eps / num_classes
+        tw = q if weight is None else q * weight
+        loss = jnp.sum(tw, axis=-1, keepdims=True) * log_sum + _weighted_neg_z(x, m, tw)
+        scale = jnp.ones_like(loss)
+        bad = jnp.zeros(loss.shape, bool)
+    else:
+        valid = (labels >= 0) & (labels < num_classes)
+        idx = jnp.where(valid, labels, 0)[..., None]
+        wy = jnp.ones(idx.shape, x.dtype) if weight is None else weight[idx]
+        z_y = _z(jnp.take_along_axis(x, idx, axis=-1), m)
+        # -log p_y = L - z_y: both terms >= 0. In a row holding +inf, z_y is 0 at a +inf label
+        # and <= -2e31 elsewhere; scaling the latter by 1 + big makes the loss +inf, its limit.
+        big = jnp.finfo(x.dtype).max
+        d = jnp.maximum(1 - jnp.exp(big - m), 0.0)
+        loss = (1 - eps) * wy * (log_sum - z_y * (1 + d * big))
+        if smoothing:
+            w = jnp.ones((num_classes,), x.dtype) if weight is None else weight
+            sw = eps / num_classes * w
+            loss = loss + jnp.sum(sw) * log_sum + _weighted_neg_z(x, m, sw)
+        scale = wy
+        bad = jnp.logical_not(valid)[..., None]
+    # where, not a product: lse**2 overflows for logits near 1e20 even when z_loss is 0.
+    loss = loss + jnp.where(zeta > 0, zeta * scale * jnp.square(lse), 0.0)
+    loss = jnp.where(bad, jnp.nan, loss)
+    return jnp.where(counted, loss[..., 0], 0.0)
+
+
+@_ce_core.defjvp
+def _ce_jvp(soft, smoothing, primals, tangents):
+    x, labels, weight, eps, zeta, counted = primals
+    x_dot = tangents[0]
+    out = _ce_core(soft, smoothing, x, labels, weight, eps, zeta, counted)
+    # d loss / dx = (A + 2 zeta s lse) p - B. p = exp(z - L) is rebuilt from x and the per-row
+    # statistics (the same reductions as the primal, which XLA shares), so nothing of size
+    # (N, V) is kept for the backward pass. m is held constant and L = log(sum exp z) is
+    # differentiable, so higher derivatives stay exact. Rows that do not count get exactly 0
+    # (a select, not a product, so NaN or inf in them cannot leak); a counted row with a bad
+    # label gets NaN.
+    num_classes = x.shape[-1]
+    m, log_sum, lse = _ce_row(x)
+    p = jnp.exp(_z(x, m) - log_sum)
+    if soft:
+        q = labels * (1 - eps) + eps / num_classes
+        b = q if weight is None else q * weight
+        a = jnp.sum(b, axis=-1, keepdims=True)
+        g = (a + jnp.where(zeta > 0, 2 * zeta * lse, 0.0)) * p - b
+        bad = jnp.zeros(m.shape, bool)
+    else:
+        valid = (labels >= 0) & (labels < num_classes)
+        idx = jnp.where(valid, labels, 0)[..., None]
+        w = jnp.ones((num_classes,), x.dtype) if weight is None else weight
+        wy = w[idx]
+        onehot = (jnp.arange(num_classes) == idx).astype(x.dtype)
+        a = (1 - eps) * wy
+        b = a * onehot
+        if smoothing:
+            a = a + eps / num_classes * jnp.sum(w)
+            b = b + eps / num_classes * w
+        g = (a + jnp.where(zeta > 0, 2 * zeta * wy * lse, 0.0)) * p - b
+        bad = jnp.logical_not(valid)[..., None]
+    g = jnp.where(bad, jnp.nan, g)
+    g = jnp.where(counted[..., None], g, 0.0)
+    return out, jnp.sum(g * x_dot, axis=-1).astype(out.dtype)
+
+
+def cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int = -1,
+    weight: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float | ArrayLike = 0.0,
+    z_loss: float | ArrayLike = 0.0,
+    soft_cap: float | None = None,
+    reduction: Reduction = "mean",
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Softmax cross-entropy with PyTorch's options, z-loss and soft-capping; exact at any scale.
+
+    For example :math:`i` with (capped) logits :math:`x_i`,
+
+    .. math::
+      \ell_i = \sum_c w_c\, q_{ic}\,\big(\operatorname{logsumexp}(x_i) - x_{ic}\big)
+      + \zeta\, s_i \operatorname{logsumexp}(x_i)^2,
+      \qquad q_i = (1 - \varepsilon)\,\tilde q_i + \varepsilon / C,
+
+    where :math:`\tilde q_i` is the one-hot of an integer label (weighted by ``weight`` in
+    PyTorch's way: :math:`w_{y_i}` on the label term, :math:`w_c` on the smoothing term) or the
+    soft target row, :math:`\varepsilon` = ``label_smoothing``, :math:`\zeta` = ``z_loss``,
+    :math:`s_i = w_{y_i}` for integer labels and 1 for soft ones, and :math:`C` the number of
+    classes. With ``soft_cap`` = :math:`\kappa`, logits first become
+    :math:`\kappa \tanh(x / \kappa)`.
+
+    The loss is computed as :math:`\sum_c w_c q_{ic} (L_i - z_{ic})` with
+    :math:`z = x - \max x` and :math:`L = \operatorname{log1p}(\cdot)` of the shifted sum, so it
+    keeps full relative accuracy for confident predictions (losses near 1e-9) and for logits near
+    1e4, and ``[1e30, 0, 0, 1e30]`` with label 0 gives :math:`\log 2`. The gradient,
+    :math:`(A_i + 2\zeta s_i \operatorname{logsumexp}(x_i))\operatorname{softmax}(x_i) - w\odot
+    q_i` with :math:`A_i = \sum_c w_c q_{ic}`, comes from a custom JVP rule and needs no
+    ``log_softmax`` array.
+
+    Args:
+      logits: scores of shape ``(..., num_classes, ...)`` with classes on ``axis``.
+      labels: integer class indices of ``logits``' shape without ``axis``, or floating target
+        probabilities of ``logits``' shape (soft targets).
+      axis: the class axis.
+      weight: per-class weights of shape ``(num_classes,)``, as in
+        :func:`torch.nn.functional.cross_entropy`.
+      ignore_index: examples whose integer label equals it contribute nothing, to the value or
+        the gradient.
+      label_smoothing: :math:`\varepsilon \in [0, 1]`, mixing the target with the uniform
+        distribution as PyTorch does.
+      z_loss: :math:`\zeta \ge 0`, the coefficient of the auxiliary
+        :math:`\operatorname{logsumexp}^2` loss (PaLM, T5X).
+      soft_cap: :math:`\kappa > 0` or None; caps logits with :math:`\kappa\tanh(x/\kappa)`
+        (Gemma 2).
+      reduction: ``"none"`` (per-example losses), ``"sum"``, or ``"mean"``: PyTorch's weighted
+        mean, the sum divided by :math:`\sum_i w_{y_i}` over counted examples for integer labels
+        and by the number of counted examples for soft labels. When no example counts,
+        ``"mean"`` gives 0 with zero gradient, where PyTorch gives NaN.
+      where: boolean mask of the batch shape; ``False`` examples are excluded like ignored ones.
+
+    Returns:
+      The per-example losses (batch shape) for ``"none"``, else a scalar; float32 for float16,
+      bfloat16 and float32 logits (so low-precision logits do not quantise the loss), float64
+      for float64 logits. The gradient has the logits' dtype. Excluded examples give 0 with a
+      zero gradient whatever their logits hold. A counted integer label outside
+      ``[0, num_classes)`` gives NaN for that example's loss and gradient (under ``jit``;
+      eagerly it raises), and a negative label never wraps around.
+
+    Raises:
+      TypeError: if ``logits`` or ``weight`` is not real, ``labels`` is neither integer nor
+        floating, or ``where`` is not boolean.
+      ValueError: for mismatched shapes (naming both), a bad ``axis``, ``weight`` not of shape
+        ``(num_classes,)``, ``label_smoothing`` outside [0, 1], a negative ``z_loss``, a
+        non-positive ``soft_cap``, an unknown ``reduction``, or (with concrete labels) an
+        out-of-range label that is not ``ignore_index``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxlse
+      >>> logits = jnp.array([[2.0, 5, 3], [1, 2, 7], [6, 3, 1], [4, 3, 3]])
+      >>> jaxlse.cross_entropy(logits, jnp.array([1, 2, 1, 0]))
+      Array(0.9463626, dtype=float32)
+      >>> jaxlse.cross_entropy(jnp.array([1e30, 0, 0, 1e30]), jnp.array(0))
+      Array(0.6931472, dtype=float32)
+
+    See also:
+      :func:`torch.nn.functional.cross_entropy`, :func:`optax.softmax_cross_entropy`,
+      :func:`optax.softmax_cross_entropy_with_integer_labels`, :func:`nll_loss`.
+    """
+    fn = "cross_entropy"
+    for name, value, lo, hi in (("label_smoothing", label_smoothing, 0.0, 1.0),
+                                ("z_loss", z_loss, 0.0, np.inf)):
+        if _concrete(value):
+            v = np.asarray(value)
+            if v.shape != () or not np.issubdtype(v.dtype, np.number):
+                raise ValueError(f"{fn}: `{name}` must be a real scalar, got {value!r}")
+            if not lo <= float(v) <= hi:
+                bound = "[0, 1]" if hi == 1.0 else ">= 0"
+                raise ValueError(f"{fn}: `{name}` must be in {bound}, got {float(v)}")
+    if soft_cap is not None and _concrete(soft_cap):
+        if np.asarray(soft_cap).shape != () or not float(soft_cap) > 0:
+            raise ValueError(
+                f"{fn}: `soft_cap` must be a positive scalar or None, got {soft_cap!r}"
+            )
+    x, lab, soft, w, counted, out_dtype = _prepare(
+        fn, logits, labels, axis, weight, ignore_index, where, reduction
+    )
+    if soft_cap is not None:
+        cap = jnp.asarray(soft_cap, out_dtype)
+        x = cap * jnp.tanh(x / cap)
+    eps = jnp.asarray(label_smoothing, out_dtype)
+    zeta = jnp.asarray(z_loss, out_dtype)
+    counted = jnp.broadcast_to(counted, x.shape[:-1])
+    smoothing = not (_concrete(label_smoothing) and float(np.asarray(label_smoothing)) == 0.0)
+    loss = _ce_core(soft, smoothing, x, lab, w, eps, zeta, counted)
+    if soft:
+        denom = counted.astype(out_dtype)
+    else:
+        valid = (lab >= 0) & (lab < x.shape[-1])
+        wy = jnp.ones(lab.shape, out_dtype) if w is None else w[jnp.where(valid, lab, 0)]
+        denom = jnp.where(counted, wy, 0.0)
+    return _reduce_loss(loss, lax.stop_gradient(denom), reduction).astype(out_dtype)
