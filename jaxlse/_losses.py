@@ -30,7 +30,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from ._checks import as_float_array, compute_dtype
-from ._lse import _at_max, _masked_max, _reduce, _z
+from ._lse import _masked_max, _p, _reduce, _split_exp, _z
 
 Reduction = Literal["none", "sum", "mean"]
 _REDUCTIONS = ("none", "sum", "mean")
@@ -267,12 +267,8 @@ def _ce_row(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     axes = (x.ndim - 1,)
     m = _masked_max(axes, x, None)
 
-    def below(v: jax.Array, mm: jax.Array) -> jax.Array:
-        z = _z(v, mm)
-        return jnp.exp(z) - _at_max(z)
-
-    t = _reduce("sum", below, axes, x, m)
-    c = _reduce("sum", lambda v, mm: _at_max(_z(v, mm)), axes, x, m)
+    t = _reduce("sum", lambda v, mm: _split_exp(_z(v, mm), via_exp=True)[0], axes, x, m)
+    c = _reduce("sum", lambda v, mm: _split_exp(_z(v, mm), via_exp=True)[1], axes, x, m)
     log_sum = jnp.log1p(jnp.maximum(t + (c - 1), 0.0))
     big = jnp.finfo(x.dtype).max
     lse = jnp.where(m == jnp.inf, jnp.inf, jnp.minimum(m, big) + log_sum)
@@ -346,7 +342,7 @@ def _ce_jvp(soft, smoothing, primals, tangents):
     # label gets NaN.
     num_classes = x.shape[-1]
     m, log_sum, lse = _ce_row(x)
-    p = jnp.exp(_z(x, m) - log_sum)
+    p = _p(x, m, log_sum)
     if soft:
         q = labels * (1 - eps) + eps / num_classes
         b = q if weight is None else q * weight

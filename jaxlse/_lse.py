@@ -137,9 +137,31 @@ def _z(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     return z if mask is None else jnp.where(mask, z, -jnp.inf)
 
 
-def _at_max(z: jax.Array) -> jax.Array:
-    """1 where ``z`` rounds to 0 (the row's max entries), else 0; ``z <= 0``."""
-    return jnp.maximum(jnp.floor(z + 1), 0.0)
+def _split_exp(z: jax.Array, via_exp: bool = False) -> tuple[jax.Array, jax.Array]:
+    """``(e - k, k)`` with ``e = exp(z)`` and ``k`` the indicator of the row's max, for ``z <= 0``.
+
+    ``k`` is 1 exactly where ``z`` rounds to 0 (``floor(z + 1)``, or ``floor(e)`` with
+    ``via_exp``; both are consistent with the ``e - k`` they are paired with) and 0 elsewhere,
+    so the two parts split ``e`` without cancellation. Arithmetic only, so it fuses with the
+    reductions. The two forms compute the same values; they differ in which intermediates XLA
+    shares with a backward kernel, and each caller uses the one that keeps its compiled
+    temporaries smallest (asserted in the tests).
+    """
+    e = jnp.exp(z)
+    k = jnp.floor(e) if via_exp else jnp.maximum(jnp.floor(z + 1), 0.0)
+    return e - k, k
+
+
+def _p(x: jax.Array, m: jax.Array, log_sum: jax.Array) -> jax.Array:
+    """``softmax = exp(z - L)`` for a rule's backward pass, from ``x`` and per-row statistics.
+
+    The optimization barrier keeps XLA from sharing (N, V) intermediates (``z``, broadcasts of
+    the row statistics) between the forward kernels and this backward one: XLA:CPU materialises
+    any such shared intermediate, which costs a full (N, V) temporary. It changes no value and
+    is differentiable, so higher derivatives stay exact.
+    """
+    x, m, log_sum = lax.optimization_barrier((x, m, log_sum))
+    return jnp.exp(_z(x, m) - log_sum)
 
 
 def _sum_exp(
@@ -157,19 +179,13 @@ def _split_sum_exp(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     r"""Returns ``(m, t, c)`` of the module docstring, reduced axes kept.
 
-    ``k_j = max(floor(z_j + 1), 0)`` is 1 exactly for the entries at the max (``z_j`` rounds to
-    0) and 0 for the others, so ``t = sum_j (exp(z_j) - k_j)`` and ``c = sum_j k_j`` split
-    :math:`\sum_j e^{z_j} = t + c` without cancellation.
+    With :func:`_split_exp`, ``t = sum_j (e_j - k_j)`` and ``c = sum_j k_j`` split
+    :math:`\sum_j e^{z_j} = t + c` without cancellation; XLA fuses both sums into one pass.
     """
     m = _masked_max(axes, x, mask)
     args = (x, m) if mask is None else (x, m, mask)
-
-    def below(*a: jax.Array) -> jax.Array:
-        z = _z(*a)
-        return jnp.exp(z) - _at_max(z)
-
-    t = _reduce("sum", below, axes, *args)
-    c = _reduce("sum", lambda *a: _at_max(_z(*a)), axes, *args)
+    t = _reduce("sum", lambda *a: _split_exp(_z(*a))[0], axes, *args)
+    c = _reduce("sum", lambda *a: _split_exp(_z(*a))[1], axes, *args)
     return m, t, c
 
 
@@ -339,10 +355,10 @@ def _log_softmax_core(
     m, t, c = _split_sum_exp(axes, x, mask)
     # log(sum_j e^{z_j}) = log1p(t + c - 1): exact to the last bit when one entry dominates.
     # A row with no entry has c = 0 and gets log1p(0) = 0, so z - 0 = -inf there.
-    z = _z(x, m, mask)
-    # In a row holding +inf, z is 0 at the +inf entries and <= -2e31 elsewhere: scaling z by
-    # 1 + big sends the latter to -inf and keeps the former. d is 1 for such rows, else 0.
+    # In a row holding +inf, z is 0 at the +inf entries and about -big elsewhere; scaling by
+    # 1 + big sends the latter to -inf. d is 1 for such rows and 0 otherwise.
     big = jnp.finfo(x.dtype).max
+    z = _z(x, m, mask)
     d = jnp.maximum(1 - jnp.exp(big - jnp.broadcast_to(m, z.shape)), 0.0)
     out = z * (1 + d * big) - jnp.log1p(jnp.maximum(t + (c - 1), 0.0))
     return out.astype(x.dtype)
@@ -353,9 +369,9 @@ def _log_softmax_jvp(axes, primals, tangents):
     x, mask = primals
     x_dot, _ = tangents
     out = _log_softmax_core(axes, x, mask)
-    # Keeps what softmax keeps: y = softmax(x) is recomputed from x by the softmax core, whose
-    # own rule makes higher derivatives exact. Excluded entries are constant (-inf) and get a
-    # zero tangent; a row with no entry has y = 0, so nothing there reaches other entries.
+    # y = softmax(x) is recomputed from x by the softmax core, whose own rule makes higher
+    # derivatives exact. Excluded entries are constant (-inf) and get a zero tangent; a row with
+    # no entry has y = 0, so nothing there reaches other entries.
     y = _softmax_core(axes, x, mask)
     x_dot = _masked(x_dot, mask)
     out_dot = x_dot - jnp.sum(y * x_dot, axis=axes, keepdims=True)
