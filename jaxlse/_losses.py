@@ -77,7 +77,7 @@ def _prepare(
     """Checks and converts the arguments common to both losses.
 
     Returns ``(x, labels, soft, weight, counted, out_dtype)`` with classes moved to the last axis
-    of ``x`` (and of soft ``labels``), ``x`` in its compute dtype, and ``counted`` a boolean array
+    of ``x`` (and of soft ``labels``), ``x`` in its own dtype, and ``counted`` a boolean array
     of the batch shape: the examples that count (not ignored, not excluded by ``where``).
     """
     _check_reduction(fn, reduction)
@@ -86,7 +86,7 @@ def _prepare(
         raise ValueError(f"{fn}: the scores must have a class axis, got a scalar")
     ax = _class_axis(fn, axis, arr.ndim)
     out_dtype = compute_dtype(arr.dtype)
-    arr = jnp.moveaxis(arr, ax, -1).astype(out_dtype)
+    arr = jnp.moveaxis(arr, ax, -1)  # kept in its dtype; converted where it is read
     batch, num_classes = arr.shape[:-1], arr.shape[-1]
     try:
         lab = jnp.asarray(labels)
@@ -241,13 +241,13 @@ def nll_loss(
     num_classes = lp.shape[-1]
     if soft:
         b = lab if w is None else lab * w
-        terms = jnp.where(b == 0, 0.0, -b * lp)
+        terms = jnp.where(b == 0, 0.0, -b * lp.astype(out_dtype))
         loss = jnp.sum(terms, axis=-1)
         denom = counted.astype(out_dtype)
     else:
         valid = (lab >= 0) & (lab < num_classes)
         idx = jnp.where(valid, lab, 0)
-        picked = jnp.take_along_axis(lp, idx[..., None], axis=-1)[..., 0]
+        picked = jnp.take_along_axis(lp, idx[..., None], axis=-1)[..., 0].astype(out_dtype)
         wy = jnp.ones_like(picked) if w is None else w[idx]
         loss = jnp.where(valid, -wy * picked, jnp.nan)
         denom = jnp.where(counted, wy, 0.0)
@@ -259,18 +259,23 @@ def nll_loss(
 # cross_entropy
 
 
-def _ce_row(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-example ``(m, L, lse)`` with ``L = lse - m = log1p(t + c - 1)``, classes last.
+def _ce_row(x: jax.Array, cd: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-example ``(m, L, lse)`` in dtype ``cd``, ``L = lse - m = log1p(t + c - 1)``.
 
-    Shared by the primal and the rule, which XLA computes once.
+    Classes are last. Shared by the primal and the rule, which XLA computes once. 16-bit ``x``
+    is converted inside each reduction rather than once up front: the max is exact in ``x``'s
+    own dtype, and a single converted copy read by several kernels would be materialised.
     """
     axes = (x.ndim - 1,)
-    m = _masked_max(axes, x, None)
+    m = _masked_max(axes, x, None).astype(cd)
 
-    t = _reduce("sum", lambda v, mm: _split_exp(_z(v, mm), via_exp=True)[0], axes, x, m)
-    c = _reduce("sum", lambda v, mm: _split_exp(_z(v, mm), via_exp=True)[1], axes, x, m)
+    def parts(v: jax.Array, mm: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return _split_exp(_z(v.astype(cd), mm), via_exp=True)
+
+    t = _reduce("sum", lambda v, mm: parts(v, mm)[0], axes, x, m)
+    c = _reduce("sum", lambda v, mm: parts(v, mm)[1], axes, x, m)
     log_sum = jnp.log1p(jnp.maximum(t + (c - 1), 0.0))
-    big = jnp.finfo(x.dtype).max
+    big = jnp.finfo(cd).max
     lse = jnp.where(m == jnp.inf, jnp.inf, jnp.minimum(m, big) + log_sum)
     return m, log_sum, lse
 
@@ -279,7 +284,7 @@ def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:
     """``sum_c tw_c * (m - x_c)`` over the classes (last axis); ``0 * inf = 0``."""
 
     def term(v: jax.Array, mm: jax.Array, ww: jax.Array) -> jax.Array:
-        return jnp.where(ww == 0, 0.0, ww * -_z(v, mm))
+        return jnp.where(ww == 0, 0.0, ww * -_z(v.astype(mm.dtype), mm))
 
     return _reduce("sum", term, (x.ndim - 1,), x, m, tw)
 
@@ -299,8 +304,8 @@ def _ce_core(
 
     ``smoothing`` (static) is False when ``eps`` is known to be 0, which skips a pass.
     """
-    num_classes = x.shape[-1]
-    m, log_sum, lse = _ce_row(x)
+    num_classes, cd = x.shape[-1], eps.dtype
+    m, log_sum, lse = _ce_row(x, cd)
     if soft:
         q = labels * (1 - eps) + eps / num_classes
         tw = q if weight is None else q * weight
@@ -310,15 +315,15 @@ def _ce_core(
     else:
         valid = (labels >= 0) & (labels < num_classes)
         idx = jnp.where(valid, labels, 0)[..., None]
-        wy = jnp.ones(idx.shape, x.dtype) if weight is None else weight[idx]
-        z_y = _z(jnp.take_along_axis(x, idx, axis=-1), m)
+        wy = jnp.ones(idx.shape, cd) if weight is None else weight[idx]
+        z_y = _z(jnp.take_along_axis(x, idx, axis=-1).astype(cd), m)
         # -log p_y = L - z_y: both terms >= 0. In a row holding +inf, z_y is 0 at a +inf label
         # and <= -2e31 elsewhere; scaling the latter by 1 + big makes the loss +inf, its limit.
-        big = jnp.finfo(x.dtype).max
+        big = jnp.finfo(cd).max
         d = jnp.maximum(1 - jnp.exp(big - m), 0.0)
         loss = (1 - eps) * wy * (log_sum - z_y * (1 + d * big))
         if smoothing:
-            w = jnp.ones((num_classes,), x.dtype) if weight is None else weight
+            w = jnp.ones((num_classes,), cd) if weight is None else weight
             sw = eps / num_classes * w
             loss = loss + jnp.sum(sw) * log_sum + _weighted_neg_z(x, m, sw)
         scale = wy
@@ -340,8 +345,8 @@ def _ce_jvp(soft, smoothing, primals, tangents):
     # differentiable, so higher derivatives stay exact. Rows that do not count get exactly 0
     # (a select, not a product, so NaN or inf in them cannot leak); a counted row with a bad
     # label gets NaN.
-    num_classes = x.shape[-1]
-    m, log_sum, lse = _ce_row(x)
+    num_classes, cd = x.shape[-1], eps.dtype
+    m, log_sum, lse = _ce_row(x, cd)
     p = _p(x, m, log_sum)
     if soft:
         q = labels * (1 - eps) + eps / num_classes
@@ -352,9 +357,9 @@ def _ce_jvp(soft, smoothing, primals, tangents):
     else:
         valid = (labels >= 0) & (labels < num_classes)
         idx = jnp.where(valid, labels, 0)[..., None]
-        w = jnp.ones((num_classes,), x.dtype) if weight is None else weight
+        w = jnp.ones((num_classes,), cd) if weight is None else weight
         wy = w[idx]
-        onehot = (jnp.arange(num_classes) == idx).astype(x.dtype)
+        onehot = (jnp.arange(num_classes) == idx).astype(cd)
         a = (1 - eps) * wy
         b = a * onehot
         if smoothing:
@@ -364,7 +369,7 @@ def _ce_jvp(soft, smoothing, primals, tangents):
         bad = jnp.logical_not(valid)[..., None]
     g = jnp.where(bad, jnp.nan, g)
     g = jnp.where(counted[..., None], g, 0.0)
-    return out, jnp.sum(g * x_dot, axis=-1).astype(out.dtype)
+    return out, jnp.sum(g * x_dot.astype(cd), axis=-1).astype(out.dtype)
 
 
 def cross_entropy(
@@ -474,7 +479,7 @@ def cross_entropy(
     )
     if soft_cap is not None:
         cap = jnp.asarray(soft_cap, out_dtype)
-        x = cap * jnp.tanh(x / cap)
+        x = cap * jnp.tanh(x.astype(out_dtype) / cap)
     eps = jnp.asarray(label_smoothing, out_dtype)
     zeta = jnp.asarray(z_loss, out_dtype)
     counted = jnp.broadcast_to(counted, x.shape[:-1])

@@ -158,10 +158,11 @@ def _p(x: jax.Array, m: jax.Array, log_sum: jax.Array) -> jax.Array:
     The optimization barrier keeps XLA from sharing (N, V) intermediates (``z``, broadcasts of
     the row statistics) between the forward kernels and this backward one: XLA:CPU materialises
     any such shared intermediate, which costs a full (N, V) temporary. It changes no value and
-    is differentiable, so higher derivatives stay exact.
+    is differentiable, so higher derivatives stay exact. 16-bit ``x`` is converted here, after
+    the barrier, for the same reason.
     """
     x, m, log_sum = lax.optimization_barrier((x, m, log_sum))
-    return jnp.exp(_z(x, m) - log_sum)
+    return jnp.exp(_z(x.astype(log_sum.dtype), m) - log_sum)
 
 
 def _sum_exp(
