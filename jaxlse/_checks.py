@@ -123,4 +123,6 @@ def as_mask(fn: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Arr
     if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.number)):
         raise TypeError(f"{fn}: `where` must be a boolean array, got dtype {mask.dtype}")
     check_broadcasts_to(fn, "where", mask, shape)
-    return mask if mask.dtype == jnp.bool_ else mask != 0
+    mask = mask if mask.dtype == jnp.bool_ else mask != 0
+    # Same rank as the input, so the library never relies on implicit rank promotion.
+    return mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)

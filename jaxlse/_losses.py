@@ -60,6 +60,11 @@ def _check_reduction(fn: str, reduction: str) -> None:
         )
 
 
+def _row(v: jax.Array, ndim: int) -> jax.Array:
+    """A (num_classes,) vector as (1, ..., 1, num_classes), for rank-explicit broadcasting."""
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
 def _concrete(v: object) -> bool:
     return not isinstance(v, jax.core.Tracer)
 
@@ -136,7 +141,7 @@ def _prepare(
                 f"{fn}: `where` of shape {mask.shape} does not broadcast to the labels' batch "
                 f"shape {batch}"
             )
-        counted = counted & mask
+        counted = counted & jnp.broadcast_to(mask, batch)
     if ignore_index is not None:
         try:
             ignore_index = operator.index(ignore_index)
@@ -240,7 +245,7 @@ def nll_loss(
     )
     num_classes = lp.shape[-1]
     if soft:
-        b = lab if w is None else lab * w
+        b = lab if w is None else lab * _row(w, lab.ndim)
         terms = jnp.where(b == 0, 0.0, -b * lp.astype(out_dtype))
         loss = jnp.sum(terms, axis=-1)
         denom = counted.astype(out_dtype)
@@ -308,7 +313,7 @@ def _ce_core(
     m, log_sum, lse = _ce_row(x, cd)
     if soft:
         q = labels * (1 - eps) + eps / num_classes
-        tw = q if weight is None else q * weight
+        tw = q if weight is None else q * _row(weight, q.ndim)
         loss = jnp.sum(tw, axis=-1, keepdims=True) * log_sum + _weighted_neg_z(x, m, tw)
         scale = jnp.ones_like(loss)
         bad = jnp.zeros(loss.shape, bool)
@@ -325,7 +330,7 @@ def _ce_core(
         if smoothing:
             w = jnp.ones((num_classes,), cd) if weight is None else weight
             sw = eps / num_classes * w
-            loss = loss + jnp.sum(sw) * log_sum + _weighted_neg_z(x, m, sw)
+            loss = loss + jnp.sum(sw) * log_sum + _weighted_neg_z(x, m, _row(sw, x.ndim))
         scale = wy
         bad = jnp.logical_not(valid)[..., None]
     # where, not a product: lse**2 overflows for logits near 1e20 even when z_loss is 0.
@@ -350,7 +355,7 @@ def _ce_jvp(soft, smoothing, primals, tangents):
     p = _p(x, m, log_sum)
     if soft:
         q = labels * (1 - eps) + eps / num_classes
-        b = q if weight is None else q * weight
+        b = q if weight is None else q * _row(weight, q.ndim)
         a = jnp.sum(b, axis=-1, keepdims=True)
         g = (a + jnp.where(zeta > 0, 2 * zeta * lse, 0.0)) * p - b
         bad = jnp.zeros(m.shape, bool)
@@ -359,12 +364,12 @@ def _ce_jvp(soft, smoothing, primals, tangents):
         idx = jnp.where(valid, labels, 0)[..., None]
         w = jnp.ones((num_classes,), cd) if weight is None else weight
         wy = w[idx]
-        onehot = (jnp.arange(num_classes) == idx).astype(cd)
+        onehot = (_row(jnp.arange(num_classes), x.ndim) == idx).astype(cd)
         a = (1 - eps) * wy
         b = a * onehot
         if smoothing:
             a = a + eps / num_classes * jnp.sum(w)
-            b = b + eps / num_classes * w
+            b = b + _row(eps / num_classes * w, x.ndim)
         g = (a + jnp.where(zeta > 0, 2 * zeta * wy * lse, 0.0)) * p - b
         bad = jnp.logical_not(valid)[..., None]
     g = jnp.where(bad, jnp.nan, g)

@@ -330,7 +330,7 @@ def logsumexp(
         b_arr = as_float_array(fn, "b", b)
         check_broadcasts_to(fn, "b", b_arr, x.shape)
         out_dtype = jnp.result_type(x, b_arr)
-        b_arr = b_arr.astype(compute_dtype(out_dtype))
+        b_arr = jnp.broadcast_to(b_arr.astype(compute_dtype(out_dtype)), x.shape)
     else:
         b_arr = None
         out_dtype = x.dtype
@@ -371,12 +371,13 @@ def _log_softmax_jvp(axes, primals, tangents):
     x_dot, _ = tangents
     out = _log_softmax_core(axes, x, mask)
     # y = softmax(x) is recomputed from x by the softmax core, whose own rule makes higher
-    # derivatives exact. Excluded entries are constant (-inf) and get a zero tangent; a row with
-    # no entry has y = 0, so nothing there reaches other entries.
+    # derivatives exact. Excluded entries are constant (-inf) and get a zero tangent. So does a
+    # row with no entry above -inf (its max statistic is -big): its output is constant -inf.
     y = _softmax_core(axes, x, mask)
     x_dot = _masked(x_dot, mask)
     out_dot = x_dot - jnp.sum(y * x_dot, axis=axes, keepdims=True)
-    return out, _masked(out_dot, mask).astype(out.dtype)
+    live = (_masked_max(axes, x, mask) > -jnp.finfo(x.dtype).max).astype(x.dtype)
+    return out, (_masked(out_dot, mask) * live).astype(out.dtype)
 
 
 def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:
