@@ -172,6 +172,9 @@ def _reduce_loss(
     """Applies ``reduction``; "mean" divides by ``denom`` and gives 0 when ``denom`` is 0."""
     if reduction == "none":
         return loss
+    # The barrier keeps XLA:CPU from fusing this small sum into the (N, V) kernels that make
+    # the per-example losses, which it then runs several times slower. It changes no value.
+    loss, denom = lax.optimization_barrier((loss, denom))
     total = jnp.sum(loss)
     if reduction == "sum":
         return total
@@ -315,12 +318,14 @@ def _ce_core(
         q = labels * (1 - eps) + eps / num_classes
         tw = q if weight is None else q * _row(weight, q.ndim)
         loss = jnp.sum(tw, axis=-1, keepdims=True) * log_sum + _weighted_neg_z(x, m, tw)
-        scale = jnp.ones_like(loss)
-        bad = jnp.zeros(loss.shape, bool)
+        scale = jnp.asarray(1, cd)
+        bad = None
     else:
         valid = (labels >= 0) & (labels < num_classes)
         idx = jnp.where(valid, labels, 0)[..., None]
-        wy = jnp.ones(idx.shape, cd) if weight is None else weight[idx]
+        # Scalars, not arrays of ones, when there is no weight: XLA:CPU slows down a lot when a
+        # constant array is shared between kernels.
+        wy = jnp.asarray(1, cd) if weight is None else weight[idx]
         z_y = _z(jnp.take_along_axis(x, idx, axis=-1).astype(cd), m)
         # -log p_y = L - z_y: both terms >= 0. In a row holding +inf, z_y is 0 at a +inf label
         # and <= -2e31 elsewhere; scaling the latter by 1 + big makes the loss +inf, its limit.
@@ -328,14 +333,18 @@ def _ce_core(
         d = jnp.maximum(1 - jnp.exp(big - m), 0.0)
         loss = (1 - eps) * wy * (log_sum - z_y * (1 + d * big))
         if smoothing:
-            w = jnp.ones((num_classes,), cd) if weight is None else weight
-            sw = eps / num_classes * w
-            loss = loss + jnp.sum(sw) * log_sum + _weighted_neg_z(x, m, _row(sw, x.ndim))
+            if weight is None:
+                sw, sw_total = eps / num_classes * jnp.ones((1,) * x.ndim, cd), eps
+            else:
+                sw = _row(eps / num_classes * weight, x.ndim)
+                sw_total = jnp.sum(sw)
+            loss = loss + sw_total * log_sum + _weighted_neg_z(x, m, sw)
         scale = wy
         bad = jnp.logical_not(valid)[..., None]
     # where, not a product: lse**2 overflows for logits near 1e20 even when z_loss is 0.
     loss = loss + jnp.where(zeta > 0, zeta * scale * jnp.square(lse), 0.0)
-    loss = jnp.where(bad, jnp.nan, loss)
+    if bad is not None:
+        loss = jnp.where(bad, jnp.nan, loss)
     return jnp.where(counted, loss[..., 0], 0.0)
 
 
@@ -358,21 +367,25 @@ def _ce_jvp(soft, smoothing, primals, tangents):
         b = q if weight is None else q * _row(weight, q.ndim)
         a = jnp.sum(b, axis=-1, keepdims=True)
         g = (a + jnp.where(zeta > 0, 2 * zeta * lse, 0.0)) * p - b
-        bad = jnp.zeros(m.shape, bool)
+        bad = None
     else:
         valid = (labels >= 0) & (labels < num_classes)
         idx = jnp.where(valid, labels, 0)[..., None]
-        w = jnp.ones((num_classes,), cd) if weight is None else weight
-        wy = w[idx]
+        wy = jnp.asarray(1, cd) if weight is None else weight[idx]
         onehot = (_row(jnp.arange(num_classes), x.ndim) == idx).astype(cd)
         a = (1 - eps) * wy
         b = a * onehot
         if smoothing:
-            a = a + eps / num_classes * jnp.sum(w)
-            b = b + _row(eps / num_classes * w, x.ndim)
+            if weight is None:
+                a = a + eps
+                b = b + eps / num_classes
+            else:
+                a = a + eps / num_classes * jnp.sum(weight)
+                b = b + _row(eps / num_classes * weight, x.ndim)
         g = (a + jnp.where(zeta > 0, 2 * zeta * wy * lse, 0.0)) * p - b
         bad = jnp.logical_not(valid)[..., None]
-    g = jnp.where(bad, jnp.nan, g)
+    if bad is not None:
+        g = jnp.where(bad, jnp.nan, g)
     g = jnp.where(counted[..., None], g, 0.0)
     return out, jnp.sum(g * x_dot.astype(cd), axis=-1).astype(out.dtype)
 
@@ -490,10 +503,9 @@ def cross_entropy(
     counted = jnp.broadcast_to(counted, x.shape[:-1])
     smoothing = not (_concrete(label_smoothing) and float(np.asarray(label_smoothing)) == 0.0)
     loss = _ce_core(soft, smoothing, x, lab, w, eps, zeta, counted)
-    if soft:
+    if soft or w is None:
         denom = counted.astype(out_dtype)
     else:
         valid = (lab >= 0) & (lab < x.shape[-1])
-        wy = jnp.ones(lab.shape, out_dtype) if w is None else w[jnp.where(valid, lab, 0)]
-        denom = jnp.where(counted, wy, 0.0)
+        denom = jnp.where(counted, w[jnp.where(valid, lab, 0)], 0.0)
     return _reduce_loss(loss, lax.stop_gradient(denom), reduction).astype(out_dtype)

@@ -64,6 +64,24 @@ def _block_size(n: int) -> int | None:
     return None
 
 
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _sum(v: jax.Array, dims: tuple[int, ...]) -> jax.Array:
+    """``jnp.sum(v, dims)`` as a reduce whose initial value is ``-0.0``.
+
+    XLA shares equal constants between kernels; when the 0 that starts a user's ``jnp.sum`` of
+    our per-example outputs is shared with the 0 that starts our (N, V) sums, XLA:CPU passes it
+    to our kernel as a runtime value and runs that kernel several times slower. ``-0.0`` is as
+    good a start for a sum and is not shared. Differentiated as ``jnp.sum``.
+    """
+    return lax.reduce(v, np.array(-0.0, v.dtype), lambda a, b: a + b, dims)
+
+
+@_sum.defjvp
+def _sum_jvp(dims, primals, tangents):
+    (v,), (v_dot,) = primals, tangents
+    return _sum(v, dims), jnp.sum(v_dot, axis=dims)
+
+
 def _reduce(
     op: str, fn: Callable[..., jax.Array], axes: tuple[int, ...], *arrays: jax.Array
 ) -> jax.Array:
@@ -76,7 +94,7 @@ def _reduce(
         dims = (axis,) if isinstance(axis, int) else axis
         dims = tuple(d % v.ndim for d in dims)
         if op == "sum":
-            r = jnp.sum(v, axis=dims)
+            r = _sum(v, dims)
         else:
             # A plain reduce with initial value -big (not jnp.max(..., initial=...), which adds a
             # separate maximum op that splits XLA:CPU's fused kernel). A row with no entry or only
