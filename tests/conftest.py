@@ -1,0 +1,43 @@
+"""Session-wide JAX settings and shared fixtures.
+
+Strict dtype promotion and ``rank_promotion="raise"`` hold for the whole session (as in equinox
+and lineax), so an implicit promotion inside the library, or in a test, is an error rather than a
+silent upcast or broadcast.
+
+Code that is not ours may not be written for strict promotion (optax's ``scale_by_adam`` mixes
+its int32 step count with Python floats, for one). A test that drives such code opts out with the
+``standard_promotion`` marker (``pytestmark = pytest.mark.standard_promotion`` for a module),
+which runs it under ``jax.numpy_dtype_promotion("standard")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "standard_promotion: run under standard (not strict) dtype promotion, for tests that "
+        "drive third-party code written for it",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _promotion_mode(request: pytest.FixtureRequest) -> Iterator[None]:
+    mode = "standard" if request.node.get_closest_marker("standard_promotion") else "strict"
+    with jax.numpy_dtype_promotion(mode):
+        yield
+
+
+@pytest.fixture
+def x64() -> Iterator[None]:
+    """Runs the test with ``jax_enable_x64`` on (float64 arrays and a float64 default dtype)."""
+    with jax.enable_x64(True):
+        yield

@@ -1,0 +1,175 @@
+"""Naive float64 references and an ulp-error measure, shared by the test modules.
+
+Everything here is plain NumPy in float64, independent of jax and jaxlse, so it can serve as the
+ground truth. Inputs are converted to float64 first, so a reference for float32 (or float16,
+bfloat16) inputs is the exact answer for those very inputs, rounded once to float64: its error,
+about 1e-16 relative, is far below a float32 ulp (6e-8 relative).
+
+Public names (imported by other test modules, keep them stable):
+
+* ``ref_logsumexp(x, axis=-1, b=None, where=None, keepdims=False) -> np.ndarray`` (float64)
+* ``ref_log_softmax(x, axis=-1, where=None) -> np.ndarray`` (float64)
+* ``ref_softmax(x, axis=-1, where=None) -> np.ndarray`` (float64)
+* ``ulp(v, dtype) -> np.ndarray``: the spacing of ``dtype`` at ``|v|`` rounded to ``dtype``
+* ``ulp_error(actual, expected, scale=None) -> np.ndarray``: ``|actual - expected|`` in ulps of
+  ``actual``'s dtype at ``scale`` (default ``expected``)
+
+``axis`` is an int, a tuple of ints or None (every axis), as in ``jnp.sum``. Rows are treated with
+the same conventions as jaxlse: a row with no included entry (or only ``-inf``) has
+``logsumexp = -inf``, a row holding ``+inf`` has ``logsumexp = +inf`` and puts equal probability on
+its ``+inf`` entries, and a row holding NaN is NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+__all__ = ["ref_log_softmax", "ref_logsumexp", "ref_softmax", "ulp", "ulp_error"]
+
+
+def _f64(x: Any) -> np.ndarray:
+    return np.asarray(np.asarray(x).astype(np.float64))
+
+
+def _axes(axis: int | tuple[int, ...] | None, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(sorted(a % ndim for a in axes)) if ndim else ()
+
+
+def _row_terms(
+    x: np.ndarray, axes: tuple[int, ...], where: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Returns ``(m, z, inc, bad)``, reduced axes kept.
+
+    ``m`` is the row max over included entries (``-inf`` if none), ``z = x - m`` on the included
+    entries of rows with a finite max (``-inf`` elsewhere), ``inc`` the broadcast mask and ``bad``
+    flags rows that hold an included NaN.
+    """
+    inc = np.ones(x.shape, bool) if where is None else np.broadcast_to(np.asarray(where, bool),
+                                                                         x.shape)
+    xin = np.where(inc, x, -np.inf)
+    bad = np.any(np.isnan(xin), axis=axes, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        m = np.max(np.where(np.isnan(xin), -np.inf, xin), axis=axes, keepdims=True, initial=-np.inf)
+        z = np.where(np.isfinite(m), xin - np.where(np.isfinite(m), m, 0.0), -np.inf)
+    return m, z, inc, bad
+
+
+def _log_norm(
+    x: np.ndarray, axes: tuple[int, ...], where: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Returns ``(m, z, l, inc, bad)`` with ``logsumexp = m + l`` on rows with a finite max.
+
+    ``l = log1p(rest)`` where ``sum_j exp(z_j) = 1 + rest`` and the 1 of one entry at the max is
+    never added to the others, so ``l`` keeps full relative accuracy when it is tiny.
+    """
+    m, z, inc, bad = _row_terms(x, axes, where)
+    below = np.sum(np.where(z < 0, np.exp(z), 0.0), axis=axes, keepdims=True)
+    rest = below + (np.sum(z == 0, axis=axes, keepdims=True) - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        log_norm = np.where(np.isfinite(m), np.log1p(np.maximum(rest, 0.0)), 0.0)
+    return m, z, log_norm, inc, bad
+
+
+def ref_logsumexp(
+    x: Any,
+    axis: int | tuple[int, ...] | None = -1,
+    b: Any = None,
+    where: Any = None,
+    keepdims: bool = False,
+) -> np.ndarray:
+    """Float64 ``log(sum(b * exp(x)))`` over ``axis``, restricted to ``where``.
+
+    Without ``b`` it is ``m + log1p(sum_{j != argmax} exp(x_j - m))``: the dominant entry's 1 is
+    never added to the small terms, so the result keeps full relative accuracy even when it is
+    tiny (``m`` near 0). With ``b``, ``m`` is the max over entries with ``b != 0``, and the result
+    is NaN where the sum is negative.
+    """
+    x = _f64(x)
+    axes = _axes(axis, x.ndim)
+    if b is None:
+        m, _, log_norm, _, bad = _log_norm(x, axes, where)
+        out = np.where(np.isfinite(m), m + log_norm, m)
+    else:
+        bb = np.broadcast_to(_f64(b), x.shape)
+        inc = np.ones(x.shape, bool) if where is None else np.broadcast_to(
+            np.asarray(where, bool), x.shape)
+        m, z, _, bad = _row_terms(x, axes, inc & (bb != 0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s = np.sum(np.where(np.isneginf(z), 0.0, bb * np.exp(z)), axis=axes, keepdims=True)
+            out = np.where(np.isfinite(m), m + np.log(s), m)
+    out = np.where(bad, np.nan, out)
+    return out if keepdims else np.squeeze(out, axes)
+
+
+def ref_log_softmax(
+    x: Any, axis: int | tuple[int, ...] | None = -1, where: Any = None
+) -> np.ndarray:
+    """Float64 ``x - logsumexp(x)`` computed as ``(x - m) - log1p(...)`` (exact at the max).
+
+    Excluded entries and the entries of rows with no included entry are ``-inf``. In a row whose
+    max is ``+inf`` the ``k`` ``+inf`` entries are ``-log(k)`` and the others ``-inf``.
+    """
+    x = _f64(x)
+    axes = _axes(axis, x.ndim)
+    m, z, log_norm, inc, bad = _log_norm(x, axes, where)
+    out = z - log_norm  # -inf wherever z is (excluded entries, rows without a finite max)
+    top = inc & np.isposinf(x)
+    k = np.sum(top, axis=axes, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inf_row = np.where(top, -np.log(np.maximum(k, 1)), -np.inf)
+    out = np.where(np.isposinf(m), inf_row, out)
+    return np.where(bad, np.nan, out)
+
+
+def ref_softmax(x: Any, axis: int | tuple[int, ...] | None = -1, where: Any = None) -> np.ndarray:
+    """Float64 ``exp(x - m) / sum(exp(x - m))``; 0 on excluded entries and on empty rows."""
+    x = _f64(x)
+    axes = _axes(axis, x.ndim)
+    m, z, inc, bad = _row_terms(x, axes, where)
+    e = np.where(np.isposinf(m), (inc & np.isposinf(x)).astype(np.float64), np.exp(z))
+    s = np.sum(e, axis=axes, keepdims=True)
+    out = e / np.where(s == 0, 1.0, s)
+    return np.where(bad, np.nan, out)
+
+
+def ulp(v: Any, dtype: Any) -> np.ndarray:
+    """The spacing of ``dtype`` at ``|v|``, after rounding ``|v|`` to ``dtype``.
+
+    It equals ``np.spacing(dtype(abs(v)))`` for float16/32/64 and extends it to bfloat16.
+    Subnormals (and 0) get the smallest subnormal; ``inf`` and NaN give NaN.
+
+    >>> float(ulp(1.0, np.float32)) == 2.0**-23
+    True
+    """
+    info = ml_dtypes.finfo(dtype)
+    a = np.abs(_f64(np.abs(_f64(v)).astype(dtype)))
+    with np.errstate(invalid="ignore"):
+        _, e = np.frexp(np.where(np.isfinite(a), a, 1.0))
+        out = np.ldexp(1.0, np.maximum(e - 1, info.minexp) - info.nmant)
+    return np.where(np.isfinite(a), out, np.nan)
+
+
+def ulp_error(actual: Any, expected: Any, scale: Any = None) -> np.ndarray:
+    """``|actual - expected|`` in ulps of ``actual``'s dtype at ``scale`` (default ``expected``).
+
+    ``expected`` is a float64 reference. Entries where both are the same infinity, or both NaN,
+    count 0; an infinity or NaN on one side only counts ``inf``.
+
+    >>> float(ulp_error(np.float32(1.0) + np.float32(2.0**-23), 1.0))
+    1.0
+    """
+    act = np.asarray(actual)
+    dtype = act.dtype
+    a, e = _f64(act), _f64(expected)
+    s = np.abs(e) if scale is None else np.abs(_f64(scale))
+    with np.errstate(invalid="ignore"):
+        err = np.abs(a - e) / ulp(np.broadcast_to(s, np.broadcast_shapes(a.shape, e.shape)),
+                                  dtype)
+    same = (a == e) | (np.isnan(a) & np.isnan(e))
+    return np.where(same, 0.0, np.where(np.isfinite(err), err, np.inf))

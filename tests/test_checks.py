@@ -1,0 +1,178 @@
+"""Unit tests for the private argument checks and dtype policy in ``jaxlse/_checks.py``.
+
+The public functions' errors are tested through the public API in ``test_lse.py``; here each check
+is exercised on its own, including the exact wording that the public errors rely on: every
+message starts with ``"<function>: `<argument>`"``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlse import _checks
+
+F16, BF16, F32, F64 = (jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
+
+
+def test_default_float():
+    assert _checks.default_float() == F32
+
+
+def test_default_float_x64(x64):
+    assert _checks.default_float() == F64
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype"),
+    [
+        (np.arange(3, dtype=np.int32), F32),
+        (np.arange(3, dtype=np.int8), F32),
+        (np.arange(3, dtype=np.uint8), F32),
+        (np.array([True, False]), F32),
+        ([1, 2, 3], F32),
+        (2, F32),
+        ([1.0, 2.0], F32),
+        (np.ones(2, np.float16), F16),
+        (jnp.ones(2, jnp.bfloat16), BF16),
+        (np.ones(2, np.float32), F32),
+    ],
+    ids=lambda v: getattr(v, "dtype", type(v).__name__),
+)
+def test_as_float_array_promotes_to_float(value, dtype):
+    out = _checks.as_float_array("fn", "x", value)
+    assert isinstance(out, jax.Array)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, np.asarray(value).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype"),
+    [(np.arange(3, dtype=np.int64), F64), (np.array([True]), F64), (np.ones(2), F64),
+     (np.ones(2, np.float32), F32), (np.ones(2, np.float16), F16)],
+    ids=str,
+)
+def test_as_float_array_x64(x64, value, dtype):
+    assert _checks.as_float_array("fn", "x", value).dtype == dtype
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (np.ones(2, np.complex64), r"^fn: `arg` must be real; complex input \(dtype complex64\)"),
+        (1 + 2j, r"^fn: `arg` must be real"),
+        (["spam", "eggs"], r"^fn: `arg` must be a numeric array, got list"),
+        (np.asarray(["spam"]), r"^fn: `arg` must be a numeric array, got ndarray"),
+        ("spam", r"^fn: `arg` must be a numeric array, got str"),
+        (None, r"^fn: `arg` must be a numeric array, got NoneType"),
+        (object(), r"^fn: `arg` must be a numeric array, got object"),
+    ],
+    ids=["complex_array", "complex_scalar", "list_of_str", "str_array", "str", "none", "object"],
+)
+def test_as_float_array_rejects(value, message):
+    with pytest.raises(TypeError, match=message):
+        _checks.as_float_array("fn", "arg", value)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"), [(F16, F32), (BF16, F32), (F32, F32), (F64, F64)], ids=str
+)
+def test_compute_dtype(dtype, expected):
+    assert _checks.compute_dtype(dtype) == expected
+
+
+@pytest.mark.parametrize(
+    ("axis", "ndim", "expected"),
+    [
+        (None, 3, (0, 1, 2)),
+        (None, 0, ()),
+        ((), 2, ()),
+        (0, 1, (0,)),
+        (-1, 3, (2,)),
+        (-3, 3, (0,)),
+        ((2, 0), 3, (0, 2)),
+        ([-1, 0], 3, (0, 2)),
+        (np.int64(1), 2, (1,)),
+        ((np.int32(-2),), 2, (0,)),
+    ],
+    ids=str,
+)
+def test_normalize_axes(axis, ndim, expected):
+    out = _checks.normalize_axes("fn", axis, ndim)
+    assert out == expected
+    assert all(type(a) is int for a in out)
+
+
+@pytest.mark.parametrize(
+    ("axis", "ndim", "message"),
+    [
+        (2, 2, r"^fn: `axis` 2 is out of range for an input of rank 2 \(expected -2 <= axis < 2\)"),
+        (-3, 2, r"^fn: `axis` -3 is out of range"),
+        ((0, 5), 3, r"^fn: `axis` 5 is out of range"),
+        (0, 0, r"^fn: `axis` 0 is out of range for an input of rank 0"),
+        ((0, -2), 2, r"^fn: `axis` has a repeated entry: \(0, -2\)"),
+        ((1, 1), 3, r"^fn: `axis` has a repeated entry"),
+    ],
+    ids=str,
+)
+def test_normalize_axes_value_errors(axis, ndim, message):
+    with pytest.raises(ValueError, match=message):
+        _checks.normalize_axes("fn", axis, ndim)
+
+
+@pytest.mark.parametrize("axis", [1.0, "1", (0, 1.5), [None], np.float32(0)], ids=str)
+def test_normalize_axes_type_errors(axis):
+    with pytest.raises(TypeError, match=r"^fn: `axis` must be an int, a sequence of ints or None"):
+        _checks.normalize_axes("fn", axis, 2)
+
+
+@pytest.mark.parametrize(
+    "shape", [(), (1,), (4,), (1, 4), (3, 1), (3, 4)], ids=str
+)
+def test_check_broadcasts_to_accepts(shape):
+    assert _checks.check_broadcasts_to("fn", "b", jnp.zeros(shape), (3, 4)) is None
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 4), (4, 3), (2, 3, 4), (1, 3, 4), (3, 4, 1)], ids=str)
+def test_check_broadcasts_to_rejects(shape):
+    """Shapes that do not broadcast, or that broadcast only to a larger shape, are rejected."""
+    message = f"fn: `b` of shape {tuple(shape)} does not broadcast to the input's shape (3, 4)"
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        _checks.check_broadcasts_to("fn", "b", jnp.zeros(shape), (3, 4))
+
+
+def test_as_mask_none():
+    assert _checks.as_mask("fn", None, (3, 4)) is None
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        np.array([True, False, True, True]),
+        np.array([1, 0, 2, -1]),
+        np.array([0.5, 0.0, 1.0, -2.0], np.float32),
+        [True, False, True, True],
+    ],
+    ids=["bool", "int", "float", "list"],
+)
+def test_as_mask_converts_to_bool(where):
+    mask = _checks.as_mask("fn", where, (3, 4))
+    assert mask.dtype == jnp.bool_
+    np.testing.assert_array_equal(
+        np.broadcast_to(mask, (3, 4)), np.broadcast_to(np.asarray(where) != 0, (3, 4))
+    )
+
+
+def test_as_mask_rejects_shape():
+    with pytest.raises(ValueError, match=r"^fn: `where` of shape \(3,\) does not broadcast"):
+        _checks.as_mask("fn", np.ones(3, bool), (3, 4))
+
+
+@pytest.mark.parametrize("where", [["spam", "eggs"], np.asarray(["spam"]), object()], ids=str)
+def test_as_mask_rejects_type(where):
+    with pytest.raises(TypeError, match=r"^fn: `where` must be a boolean array"):
+        _checks.as_mask("fn", where, (3, 4))

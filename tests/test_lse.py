@@ -1,0 +1,1083 @@
+"""Tests for ``jaxlse.logsumexp``, ``jaxlse.log_softmax`` and ``jaxlse.softmax``.
+
+Sections, in the order of the issue:
+
+1. transformations (jit, vmap, grad, jacfwd, jacrev, hessian) and ``check_grads`` in float64;
+2. values against ``jax.nn``, with a tolerance table keyed by dtype;
+3. extreme finite magnitudes (``1e30``, the dtype's max and min);
+4. edge cases: ``-inf`` / ``+inf`` rows, ``where``, fully masked rows, ``b == 0``, NaN, empty axes;
+5. accuracy in ulps against a float64 reference, including rows long enough for the blocked path;
+6. memory of the compiled gradient;
+7. bad arguments;
+8. the worked example of the issue;
+9. properties (hypothesis), the dtype policy and retracing.
+
+Plain pytest functions only; every input is seeded.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import ref_log_softmax, ref_logsumexp, ref_softmax, ulp, ulp_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from jax.test_util import check_grads
+
+import jaxlse
+
+F16, BF16, F32, F64 = (jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
+NAMES = ("logsumexp", "log_softmax", "softmax")
+INF = float("inf")
+
+# Closeness to jax.nn (and between transformations of the same function), |a - e| <= atol +
+# rtol * |e|. float32 / float64: jax.nn's log_softmax loses up to ~8 ulp to cancellation near 0,
+# hence the atol. float16 / bfloat16: jaxlse rounds a float32 computation once, and is compared to
+# jax.nn run in float32 and rounded once, so the two differ by at most one ulp (2**-10, 2**-7).
+TOL = {
+    F32: {"rtol": 1e-6, "atol": 1e-6},
+    F64: {"rtol": 1e-14, "atol": 1e-14},
+    F16: {"rtol": 2.0**-10, "atol": 2.0**-24},
+    BF16: {"rtol": 2.0**-7, "atol": 2.0**-133},
+}
+
+# Accuracy against the exact answer, in ulps of the output dtype (section 5):
+# float32 log_softmax in ulps of its own value, logsumexp in ulps of max(|result|, max|input|);
+# float16 / bfloat16 in ulps of their own value for both (one rounding of a float32 result).
+ULP_BOUND = {F32: 4.0, F16: 1.0, BF16: 1.0}
+TINY32 = float(np.finfo(np.float32).tiny)  # XLA:CPU flushes float32 results below this to 0
+
+
+def _fn(name: str) -> Callable[..., jax.Array]:
+    return getattr(jaxlse, name)
+
+
+def _normal(shape, dtype=F32, seed=0, scale=3.0) -> jax.Array:
+    rng = np.random.default_rng(seed)
+    return jnp.asarray((scale * rng.standard_normal(shape)).astype(dtype))
+
+
+def _axes(axis, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    return tuple(sorted(a % ndim for a in ((axis,) if isinstance(axis, int) else axis)))
+
+
+def _mask(shape, axis, seed=0, p=0.6) -> jax.Array:
+    """A random mask with the first entry of every row (along ``axis``) included."""
+    rng = np.random.default_rng(seed + 1000)
+    w = np.asarray(rng.random(shape) < p)
+    axes = _axes(axis, len(shape))
+    if all(shape[a] > 0 for a in axes):
+        w[tuple(0 if i in axes else slice(None) for i in range(len(shape)))] = True
+    return jnp.asarray(w)
+
+
+def _call(name: str, x, axis, where=None, b=None, **kw):
+    if name == "logsumexp":
+        return jaxlse.logsumexp(x, axis=axis, b=b, where=where, **kw)
+    assert b is None
+    return _fn(name)(x, axis=axis, where=where)
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Transformations
+
+
+TRANSFORM_CASES = [((6,), -1), ((4, 7), 0), ((4, 7), -1), ((2, 3, 5), (0, 2)), ((2, 3, 5), None)]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "where"])
+@pytest.mark.parametrize(("shape", "axis"), TRANSFORM_CASES)
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_matches_eager(name, shape, axis, masked):
+    x = _normal(shape, seed=1)
+    w = _mask(shape, axis, seed=1) if masked else None
+
+    def f(v, m):
+        return _call(name, v, axis, where=m)
+
+    chex.assert_trees_all_close(jax.jit(f)(x, w), f(x, w), strict=True, **TOL[F32])
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "where"])
+@pytest.mark.parametrize(("shape", "axis"), [((7,), -1), ((3, 4), 0), ((2, 3, 4), (0, 2))])
+def test_logsumexp_b_jit_matches_eager(shape, axis, masked):
+    x = _normal(shape, seed=2)
+    b = jnp.asarray(np.random.default_rng(2).uniform(-1.0, 2.0, shape).astype(np.float32))
+    w = _mask(shape, axis, seed=2) if masked else None
+
+    def f(v, bb, m):
+        return jaxlse.logsumexp(v, axis=axis, b=bb, where=m, return_sign=True)
+
+    chex.assert_trees_all_close(jax.jit(f)(x, b, w), f(x, b, w), strict=True, **TOL[F32])
+
+
+# Per-example shape (4, 5), batch of 3; None means that argument is shared by the batch.
+VMAP_IN_AXES = [(0, None), (1, None), (2, None), (None, 0), (None, 2), (0, 0), (1, 2), (2, 1)]
+
+
+def _batched(full: jax.Array, in_axis):
+    return full[0] if in_axis is None else jnp.moveaxis(full, 0, in_axis)
+
+
+def _example(full: jax.Array, in_axis, i: int):
+    return full[0] if in_axis is None else full[i]
+
+
+@pytest.mark.parametrize("axis", [-1, 0, None])
+@pytest.mark.parametrize("in_axes", VMAP_IN_AXES, ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_over_x_and_where_matches_loop(name, in_axes, axis):
+    x = _normal((3, 4, 5), seed=3)
+    w = jnp.asarray(np.random.default_rng(3).random((3, 4, 5)) < 0.6)
+
+    def f(v, m):
+        return _call(name, v, axis, where=m)
+
+    got = jax.vmap(f, in_axes=in_axes)(_batched(x, in_axes[0]), _batched(w, in_axes[1]))
+    want = _stack([f(_example(x, in_axes[0], i), _example(w, in_axes[1], i)) for i in range(3)])
+    chex.assert_trees_all_close(got, want, strict=True, **TOL[F32])
+
+
+@pytest.mark.parametrize(
+    "in_axes", [(0, None, None), (None, 0, None), (None, None, 0), (1, 0, 2), (0, 1, None)], ids=str
+)
+def test_vmap_logsumexp_over_b_matches_loop(in_axes):
+    rng = np.random.default_rng(4)
+    x = _normal((3, 4, 5), seed=4)
+    b = jnp.asarray(rng.uniform(-1.0, 2.0, (3, 4, 5)).astype(np.float32)).at[:, :, 1].set(0.0)
+    w = jnp.asarray(rng.random((3, 4, 5)) < 0.7)
+
+    def f(v, bb, m):
+        return jaxlse.logsumexp(v, axis=-1, b=bb, where=m, return_sign=True)
+
+    args = (x, b, w)
+    pairs = list(zip(args, in_axes, strict=True))
+    got = jax.vmap(f, in_axes=in_axes)(*(_batched(a, ax) for a, ax in pairs))
+    want = _stack([f(*(_example(a, ax, i) for a, ax in pairs)) for i in range(3)])
+    chex.assert_trees_all_close(got, want, strict=True, **TOL[F32])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_of_grad_matches_loop(name):
+    x = _normal((3, 4, 5), seed=5)
+    w = jnp.asarray(np.random.default_rng(5).random((3, 4, 5)) < 0.6)
+    t = _normal((3,) + _out_shape(name, (4, 5), -1), seed=6)
+
+    def g(v, m, tt):
+        out = _call(name, v, -1, where=m)
+        return jnp.sum(jnp.where(jnp.isfinite(out), out, 0.0) * tt)
+
+    got = jax.vmap(jax.grad(g))(x, w, t)
+    want = jnp.stack([jax.grad(g)(x[i], w[i], t[i]) for i in range(3)])
+    chex.assert_trees_all_close(got, want, strict=True, **TOL[F32])
+
+
+def _out_shape(name, shape, axis):
+    if name != "logsumexp":
+        return shape
+    axes = _axes(axis, len(shape))
+    return tuple(s for i, s in enumerate(shape) if i not in axes)
+
+
+DERIV_CASES = [((5,), -1), ((3, 4), 0), ((2, 3, 4), (0, 2))]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "where"])
+@pytest.mark.parametrize(("shape", "axis"), DERIV_CASES)
+@pytest.mark.parametrize("name", NAMES)
+def test_derivatives_agree(name, shape, axis, masked):
+    """grad, jacfwd, jacrev, hessian (and their jit) agree with each other and with jax.nn."""
+    x = _normal(shape, seed=7)
+    w = _mask(shape, axis, seed=7) if masked else None
+    t = _normal(_out_shape(name, shape, axis), seed=8)
+
+    def f(v):
+        return _call(name, v, axis, where=w)
+
+    def g(v):  # a scalar; masked log_softmax entries are -inf, so weight the finite ones only
+        out = f(v)
+        return jnp.sum(jnp.where(jnp.isfinite(out), out, 0.0) * t)
+
+    def derivatives(v):  # one compiled function, to keep the test fast
+        return {
+            "jacfwd": jax.jacfwd(f)(v),
+            "jacrev": jax.jacrev(f)(v),
+            "grad": jax.grad(g)(v),
+            "hessian": jax.hessian(g)(v),
+            "rev_fwd": jax.jacrev(jax.jacfwd(g))(v),
+            "rev_rev": jax.jacrev(jax.jacrev(g))(v),
+            "fwd_fwd": jax.jacfwd(jax.jacfwd(g))(v),
+        }
+
+    d = jax.jit(derivatives)(x)
+    assert all(np.all(np.isfinite(v)) for v in d.values())
+    chex.assert_trees_all_close(d["jacfwd"], d["jacrev"], strict=True, **TOL[F32])
+    # grad = J^T t (the -inf outputs of masked log_softmax carry no weight)
+    weights = jnp.where(jnp.isfinite(f(x)), t, 0.0)
+    chex.assert_trees_all_close(
+        d["grad"], jnp.tensordot(weights, d["jacrev"], axes=t.ndim), jax.grad(g)(x),
+        strict=True, **TOL[F32],
+    )
+    hess = d["hessian"]
+    chex.assert_trees_all_close(
+        hess, d["rev_fwd"], d["rev_rev"], d["fwd_fwd"], strict=True, **TOL[F32]
+    )
+    flat = hess.reshape(x.size, x.size)
+    chex.assert_trees_all_close(flat, flat.T, strict=True, **TOL[F32])
+    if not masked:
+        def g_nn(v):
+            return jnp.sum(getattr(jax.nn, name)(v, axis=axis) * t)
+
+        grad_nn, hess_nn = jax.jit(lambda v: (jax.grad(g_nn)(v), jax.hessian(g_nn)(v)))(x)
+        chex.assert_trees_all_close(d["grad"], grad_nn, strict=True, **TOL[F32])
+        chex.assert_trees_all_close(hess, hess_nn, strict=True, **TOL[F32])
+
+
+def _check_grads(f, args):
+    check_grads(f, args, order=2, modes=("fwd", "rev"))
+
+
+CHECK_GRADS_CASES = [((3, 4), -1), ((3, 4), 0), ((2, 3, 4), (0, 2))]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "where"])
+@pytest.mark.parametrize(("shape", "axis"), CHECK_GRADS_CASES)
+@pytest.mark.parametrize("name", NAMES)
+def test_check_grads(x64, name, shape, axis, masked):
+    x = _normal(shape, dtype=F64, seed=9, scale=1.0)
+    w = _mask(shape, axis, seed=9) if masked else None
+    assert x.dtype == F64
+    _check_grads(lambda v: _call(name, v, axis, where=w), (x,))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "where"])
+@pytest.mark.parametrize(("shape", "axis"), CHECK_GRADS_CASES)
+def test_check_grads_logsumexp_b(x64, shape, axis, masked):
+    """Derivatives w.r.t. ``a`` and ``b``, with some ``b == 0`` entries."""
+    rng = np.random.default_rng(10)
+    x = _normal(shape, dtype=F64, seed=10, scale=1.0)
+    b = rng.uniform(0.5, 2.0, shape)
+    b.reshape(-1)[::3] = 0.0
+    w = _mask(shape, axis, seed=10) if masked else None
+    _check_grads(lambda v, bb: jaxlse.logsumexp(v, axis=axis, b=bb, where=w), (x, jnp.asarray(b)))
+
+
+@pytest.mark.parametrize("total_sign", [1.0, -1.0])
+def test_check_grads_logsumexp_signed_b(x64, total_sign):
+    """With ``return_sign``, ``b`` may be negative: the value is log|sum|."""
+    x = jnp.asarray([0.3, -0.2, 1.1, 0.5])
+    b = total_sign * jnp.asarray([1.5, -0.5, 0.0, 0.25])
+    out, sign = jaxlse.logsumexp(x, b=b, return_sign=True)
+    assert float(sign) == total_sign
+    _check_grads(lambda v, bb: jaxlse.logsumexp(v, b=bb, return_sign=True)[0], (x, b))
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Values against jax.nn
+
+
+VALUE_CASES = [
+    ((), None),
+    ((7,), None),
+    ((7,), -1),
+    ((5, 11), 0),
+    ((5, 11), -2),
+    ((5, 11), (0, 1)),
+    ((3, 4, 6), 1),
+    ((3, 4, 6), -1),
+    ((3, 4, 6), (0, 2)),
+    ((3, 4, 6), (-1, -3)),
+    ((3, 4, 6), None),
+    ((3, 4, 6), ()),
+]
+
+
+def _jax_nn_values(name, dtype, x, axis, w, b):
+    """jax.nn's results; for 16-bit dtypes computed in float32 and rounded once (as jaxlse)."""
+    low = dtype in (F16, BF16)
+    up = (lambda a: a.astype(F32)) if low else (lambda a: a)
+    fn = getattr(jax.nn, name)
+    if name == "logsumexp":
+        out = {
+            "value": fn(up(x), axis=axis),
+            "keepdims": fn(up(x), axis=axis, keepdims=True),
+            "where": fn(up(x), axis=axis, where=w),
+            "b": fn(up(x), axis=axis, b=up(abs(b))),
+            "signed_b": fn(up(x), axis=axis, b=up(b), return_sign=True),
+        }
+    else:
+        out = {"value": fn(up(x), axis=axis), "where": fn(up(x), axis=axis, where=w)}
+    return jax.tree.map(lambda a: a.astype(dtype), out)
+
+
+def _our_values(name, x, axis, w, b):
+    fn = _fn(name)
+    if name == "logsumexp":
+        return {
+            "value": fn(x, axis=axis),
+            "keepdims": fn(x, axis=axis, keepdims=True),
+            "where": fn(x, axis=axis, where=w),
+            "b": fn(x, axis=axis, b=abs(b)),
+            "signed_b": fn(x, axis=axis, b=b, return_sign=True),
+        }
+    return {"value": fn(x, axis=axis), "where": fn(x, axis=axis, where=w)}
+
+
+# float32 runs every case, the other dtypes a subset that still has every rank and kind of axis.
+VALUE_PARAMS = [
+    pytest.param(dtype, shape, axis, id=f"{dtype}-{shape}-{axis}")
+    for dtype in (F32, F64, F16, BF16)
+    for i, (shape, axis) in enumerate(VALUE_CASES)
+    if dtype == F32 or i % 2 == 0
+]
+
+
+@pytest.mark.parametrize(("dtype", "shape", "axis"), VALUE_PARAMS)
+@pytest.mark.parametrize("name", NAMES)
+def test_values_match_jax_nn(name, dtype, shape, axis):
+    with jax.enable_x64(dtype == F64):
+        x = _normal(shape, dtype=dtype, seed=11)
+        w = _mask(shape, axis, seed=11)
+        # b with negative entries (and a zero) for return_sign; |b| for the plain case.
+        b = jnp.asarray(np.random.default_rng(11).uniform(-1.0, 2.0, shape).astype(dtype))
+        if b.size:
+            b = b.at[(0,) * b.ndim].set(0.0)
+        got = _our_values(name, x, axis, w, b)
+        want = _jax_nn_values(name, dtype, x, axis, w, b)
+        chex.assert_trees_all_close(got, want, strict=True, **TOL[dtype])
+
+
+def test_logsumexp_b_of_lower_rank():
+    """``b`` only needs to broadcast to ``a``'s shape, as ``where`` (also under the
+    ``rank_promotion="raise"`` this session runs with)."""
+    x = _normal((3, 4), seed=12)
+    b = jnp.asarray([1.0, 2.0, 0.0, 0.5])
+    w = jnp.asarray([True, False, True, True])
+    full_b, full_w = jnp.broadcast_to(b, x.shape), jnp.broadcast_to(w, x.shape)
+    chex.assert_trees_all_close(
+        jaxlse.logsumexp(x, axis=-1, where=w), jaxlse.logsumexp(x, axis=-1, where=full_w),
+        strict=True,
+    )
+    chex.assert_trees_all_close(
+        jaxlse.logsumexp(x, axis=-1, b=b), jaxlse.logsumexp(x, axis=-1, b=full_b), strict=True
+    )
+    chex.assert_trees_all_close(
+        jax.grad(lambda bb: jnp.sum(jaxlse.logsumexp(x, axis=-1, b=bb)))(b),
+        jnp.sum(jax.grad(lambda bb: jnp.sum(jaxlse.logsumexp(x, axis=-1, b=bb)))(full_b), 0),
+        strict=True, **TOL[F32],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Extreme finite magnitudes
+
+
+def _extreme_rows(dtype) -> dict[str, list[float]]:
+    """Rows whose exact results are all representable in ``dtype`` (no -2 * max)."""
+    big = float(jnp.finfo(dtype).max)
+    rows = {
+        "max,max": [big, big],
+        "-max,-max": [-big, -big],
+        "max,0": [big, 0.0],
+        "0,-max": [0.0, -big],
+        "max,max/2": [big, big / 2],
+        "-max,-max/2": [-big, -big / 2],
+        "max x1000": [big] * 1000,
+        "-max x1000": [-big] * 1000,
+    }
+    if dtype != F16:  # 1e30 overflows float16
+        rows |= {
+            "1e30,1e30": [1e30, 1e30],
+            "-1e30,-1e30": [-1e30, -1e30],
+            "1e30,-1e30": [1e30, -1e30],
+            "-1e30,0,1e30": [-1e30, 0.0, 1e30],
+        }
+    else:
+        rows |= {"3e4,-3e4": [3e4, -3e4]}
+    return rows
+
+
+EXTREME_CASES = [
+    pytest.param(dtype, key, values, id=f"{dtype}-{key}")
+    for dtype in (F32, F16, BF16)
+    for key, values in _extreme_rows(dtype).items()
+]
+
+
+@pytest.mark.parametrize(("dtype", "key", "values"), EXTREME_CASES)
+def test_extreme_magnitudes(dtype, key, values):
+    x = jnp.asarray(np.asarray(values).astype(dtype))
+    xh = np.asarray(x)  # the inputs as rounded to dtype
+    lse, ls, sm = jaxlse.logsumexp(x), jaxlse.log_softmax(x), jaxlse.softmax(x)
+    ref_l, ref_ls, ref_sm = ref_logsumexp(xh), ref_log_softmax(xh), ref_softmax(xh)
+    for out, ref in [(lse, ref_l), (ls, ref_ls), (sm, ref_sm)]:
+        assert out.dtype == dtype
+        assert np.all(np.isfinite(np.asarray(out, np.float64))), key
+        assert np.all(ulp_error(out, ref) <= 1.0), (key, out, ref)
+    # Gradients are finite and equal to their limits: d lse = softmax.
+    grad = jax.grad(jaxlse.logsumexp)(x)
+    assert np.all(ulp_error(grad, ref_sm) <= 1.0), (key, grad)
+    for name in ("log_softmax", "softmax"):
+        assert np.all(np.isfinite(np.asarray(jax.jacrev(_fn(name))(x[:3]), np.float64)))
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Edge cases
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_all_neg_inf_row(name):
+    """-inf / -inf / 0 with zero derivatives of every order (jax.nn gives NaN gradients)."""
+    x = jnp.asarray([[-INF, -INF, -INF], [0.5, -1.0, 2.0]])
+
+    def f(v):
+        return _call(name, v, -1)
+
+    out = f(x)
+    want = {"logsumexp": -INF, "log_softmax": [-INF] * 3, "softmax": [0.0] * 3}[name]
+    np.testing.assert_array_equal(out[0], want)
+    assert np.all(np.isfinite(out[1]))
+    for jac in (jax.jacfwd, jax.jacrev):
+        j = jac(f)(x)  # out.shape + x.shape
+        np.testing.assert_array_equal(j[0], np.zeros_like(j[0]))
+        np.testing.assert_array_equal(j[1:][..., 0, :], np.zeros_like(j[1:][..., 0, :]))
+        assert np.all(np.isfinite(j))
+    hess = jax.hessian(f)(x[0])
+    np.testing.assert_array_equal(hess, np.zeros_like(hess))
+    if name == "logsumexp":
+        grad = jax.grad(lambda v: jnp.sum(f(v)))(x)
+        np.testing.assert_array_equal(grad[0], [0.0] * 3)
+        chex.assert_trees_all_close(grad[1], jaxlse.softmax(x[1]), **TOL[F32])
+
+
+@pytest.mark.parametrize(
+    "row", [[1.0, INF, 2.0], [INF, 0.0, INF, 3.0], [-INF, INF, -1e30], [INF, INF, INF]], ids=str
+)
+def test_pos_inf_row(row):
+    x = jnp.asarray(row)
+    top = np.isposinf(row)
+    k = top.sum()
+    assert float(jaxlse.logsumexp(x)) == INF
+    np.testing.assert_array_equal(jaxlse.softmax(x), np.where(top, 1.0 / k, 0.0).astype(np.float32))
+    chex.assert_trees_all_close(
+        jaxlse.log_softmax(x), jnp.asarray(np.where(top, -np.log(k), -INF), F32), strict=True
+    )
+    # The gradient of logsumexp is the softmax limit: 1/k at the +inf entries.
+    np.testing.assert_array_equal(
+        jax.grad(jaxlse.logsumexp)(x), np.where(top, 1.0 / k, 0.0).astype(np.float32)
+    )
+    for name in NAMES:
+        f = _fn(name)
+        jf, jr, h = jax.jacfwd(f)(x), jax.jacrev(f)(x), jax.hessian(f)(x)
+        assert np.all(np.isfinite(jf)) and np.all(np.isfinite(h)), name
+        chex.assert_trees_all_close(jf, jr, strict=True, **TOL[F32])
+
+
+@pytest.mark.parametrize("excluded", [INF, -INF, float("nan"), 1e30], ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_where_excluded_entries_take_no_part(name, excluded):
+    """Values and derivatives equal those of the input with the excluded entries removed."""
+    kept = jnp.asarray([[0.5, -1.0, 2.0], [3.0, 1.0, -2.0]])
+    x = jnp.asarray([[0.5, excluded, -1.0, 2.0, excluded], [3.0, excluded, 1.0, -2.0, excluded]])
+    w = jnp.asarray([True, False, True, True, False])
+    cols, gone = np.asarray([0, 2, 3]), np.asarray([1, 4])
+
+    def f(v):
+        return _call(name, v, -1, where=jnp.broadcast_to(w, v.shape))
+
+    def f_kept(v):
+        return _call(name, v, -1)
+
+    def pick(a):  # the kept columns of every input axis (and output axis, but for logsumexp)
+        return a[..., cols] if name == "logsumexp" else a[:, cols][..., cols]
+
+    out = f(x)
+    if name == "logsumexp":
+        chex.assert_trees_all_close(out, f_kept(kept), strict=True)
+    else:
+        chex.assert_trees_all_close(out[:, cols], f_kept(kept), strict=True)
+        fill = -INF if name == "log_softmax" else 0.0
+        np.testing.assert_array_equal(out[:, gone], np.full((2, 2), fill, np.float32))
+    for jac in (jax.jacfwd, jax.jacrev):
+        j = jax.jit(jac(f))(x)
+        assert np.all(np.isfinite(j))
+        np.testing.assert_array_equal(j[..., gone], np.zeros_like(j[..., gone]))
+        chex.assert_trees_all_close(pick(j), jac(f_kept)(kept), strict=True, **TOL[F32])
+    h, h_kept = jax.jit(jax.hessian(f))(x[0]), jax.hessian(f_kept)(kept[0])
+    assert np.all(np.isfinite(h))
+    assert not np.any(h[..., gone])
+    sel = np.ix_(cols, cols) if name == "logsumexp" else np.ix_(cols, cols, cols)
+    chex.assert_trees_all_close(h[sel], h_kept, strict=True, **TOL[F32])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fully_masked_row(name):
+    x = jnp.asarray([[1.0, INF, float("nan")], [0.5, 2.0, -1.0]])
+    w = jnp.asarray([[False, False, False], [True, True, False]])
+
+    def f(v):
+        return _call(name, v, -1, where=w)
+
+    out = f(x)
+    want = {"logsumexp": -INF, "log_softmax": [-INF] * 3, "softmax": [0.0] * 3}[name]
+    np.testing.assert_array_equal(out[0], want)
+    assert np.all(np.isfinite(out[1]) | (np.asarray(w[1]) == 0))
+    tangent = _normal(x.shape, seed=17)
+    _, jvp_out = jax.jvp(f, (x,), (tangent,))
+    np.testing.assert_array_equal(jvp_out[0], np.zeros_like(jvp_out[0]))
+    cot = _normal(out.shape, seed=18)
+    (vjp_out,) = jax.vjp(f, x)[1](cot)
+    np.testing.assert_array_equal(vjp_out[0], np.zeros(3, np.float32))
+    # JVP and VJP are transposes of each other on the whole input: <cot, J t> == <J^T cot, t>.
+    assert np.all(np.isfinite(jvp_out)) and np.all(np.isfinite(vjp_out))
+    np.testing.assert_allclose(jnp.vdot(cot, jvp_out), jnp.vdot(vjp_out, tangent), rtol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "where"])
+def test_grad_wrt_b_at_zero(masked):
+    """d logsumexp / d b_i = exp(a_i - logsumexp), also where b_i == 0 (jax.nn gives 0)."""
+    a = jnp.asarray([[0.5, 1.0, -2.0, 3.0], [2.0, -1.0, 0.0, 1.0]])
+    b = jnp.asarray([[1.0, 0.0, 2.0, 0.0], [0.0, 0.5, 1.0, 3.0]])
+    w = jnp.asarray([[True, True, True, False], [True, True, False, True]]) if masked else None
+
+    def f(bb):
+        return jaxlse.logsumexp(a, axis=-1, b=bb, where=w)
+
+    lse = f(b)
+    want = jnp.exp(a - lse[:, None])
+    if masked:
+        want = jnp.where(w, want, 0.0)
+    chex.assert_trees_all_close(jax.jacrev(f)(b)[[0, 1], [0, 1]], want, strict=True,
+                                **TOL[F32])
+    chex.assert_trees_all_close(jax.jacfwd(f)(b)[[0, 1], [0, 1]], want, strict=True,
+                                **TOL[F32])
+    # the value itself ignores the b == 0 entries
+    ref = ref_logsumexp(np.asarray(a), -1, b=np.asarray(b), where=None if w is None else
+                        np.asarray(w))
+    assert np.all(ulp_error(lse, ref, np.maximum(np.abs(ref), 3.0)) <= ULP_BOUND[F32])
+
+
+EDGE_ROWS = jnp.asarray(
+    [
+        [-INF, -INF, -INF, -INF],
+        [1.0, INF, 2.0, -INF],
+        [INF, 0.0, INF, 3.0],
+        [1.0, float("nan"), 2.0, 0.0],
+        [1e30, -1e30, 0.0, 1e30],
+        [0.5, -1.0, 2.0, -INF],
+    ]
+)
+EDGE_MASK = jnp.asarray([[True, True, False, True]] * 3 + [[False] * 4] + [[True, False] * 2] * 2)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "where"])
+@pytest.mark.parametrize("name", NAMES)
+def test_edge_rows_jit_matches_eager(name, masked):
+    """The edge-case conventions survive XLA's fusion: jit gives the same values and gradient
+    (the same infinities and NaNs in the same places)."""
+    w = EDGE_MASK if masked else None
+
+    def f(v):
+        return _call(name, v, -1, where=w)
+
+    def vjp(v):
+        out, pullback = jax.vjp(f, v)
+        return pullback(jnp.ones_like(out))[0]
+
+    for fn in (f, vjp):
+        eager, jitted = fn(EDGE_ROWS), jax.jit(fn)(EDGE_ROWS)
+        np.testing.assert_array_equal(np.isnan(jitted), np.isnan(eager))
+        chex.assert_trees_all_close(jitted, eager, strict=True, **TOL[F32])
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((3, 4), -1), ((4, 3), 0), ((3, 2, 4), (0, 2))])
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_stays_in_its_row(name, shape, axis):
+    x = np.asarray(_normal(shape, seed=13))
+    axes = _axes(axis, len(shape))
+    nan_at = tuple(1 if i in axes else 0 for i in range(len(shape)))  # in row "0"
+    x_nan = x.copy()
+    x_nan[nan_at] = np.nan
+    row0 = tuple(slice(None) if i in axes else 0 for i in range(len(shape)))
+    t = _normal(_out_shape(name, shape, axis), seed=14)
+
+    def g(v):
+        return jnp.sum(_call(name, v, axis) * t)
+
+    out, out_clean = np.asarray(_call(name, x_nan, axis)), np.asarray(_call(name, x, axis))
+    grad_fn = jax.jit(jax.grad(g))
+    grad, grad_clean = np.asarray(grad_fn(x_nan)), np.asarray(grad_fn(x))
+    bad_out = np.zeros(out.shape, bool)
+    bad_out[row0 if name != "logsumexp" else
+            tuple(0 for i in range(len(shape)) if i not in axes)] = True
+    bad_in = np.zeros(x.shape, bool)
+    bad_in[row0] = True
+    assert np.all(np.isnan(out[bad_out]))
+    np.testing.assert_array_equal(out[~bad_out], out_clean[~bad_out])
+    assert np.all(np.isnan(grad[bad_in]))
+    np.testing.assert_array_equal(grad[~bad_in], grad_clean[~bad_in])
+    for jac in (jax.jacfwd, jax.jacrev):
+        j = np.asarray(jax.jit(jac(lambda v: _call(name, v, axis)))(x_nan))
+        j = j.reshape(out.size, x.size)
+        # d(other rows) / d(other rows) is NaN-free. (d(other rows) / d(NaN row) is 0 * NaN:
+        # the NaN row's gradient is NaN, as it must be.)
+        assert not np.any(np.isnan(j[np.ix_(~bad_out.reshape(-1), ~bad_in.reshape(-1))]))
+
+
+def test_empty_reduction_axis():
+    x = jnp.zeros((3, 0))
+    lse = jaxlse.logsumexp(x, axis=1)
+    assert lse.shape == (3,) and lse.dtype == F32
+    np.testing.assert_array_equal(lse, [-INF] * 3)
+    assert float(jaxlse.logsumexp(jnp.zeros((0,)))) == -INF
+    np.testing.assert_array_equal(jaxlse.logsumexp(x, axis=1, keepdims=True), [[-INF]] * 3)
+    for name in ("log_softmax", "softmax"):
+        out = _fn(name)(x)
+        assert out.shape == (3, 0) and out.dtype == F32
+        assert jax.grad(lambda v, n=name: jnp.sum(_fn(n)(v)))(x).shape == (3, 0)
+    assert jax.grad(lambda v: jnp.sum(jaxlse.logsumexp(v, axis=1)))(x).shape == (3, 0)
+    # Empty non-reduced axes: nothing to compute.
+    assert jaxlse.logsumexp(jnp.zeros((0, 5)), axis=1).shape == (0,)
+    assert jaxlse.softmax(jnp.zeros((0, 5))).shape == (0, 5)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Accuracy in ulps against a float64 reference
+
+
+def _dominant(rng: np.random.Generator, shape) -> np.ndarray:
+    x = rng.standard_normal(shape)
+    np.put_along_axis(x, rng.integers(0, shape[-1], shape[:-1] + (1,)), 30.0, axis=-1)
+    return x
+
+
+DISTRIBUTIONS: dict[str, Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]] = {
+    "normal": lambda rng, shape: rng.standard_normal(shape),
+    "normal_x10": lambda rng, shape: 10 * rng.standard_normal(shape),
+    "normal_x100": lambda rng, shape: 100 * rng.standard_normal(shape),
+    "uniform_1e4": lambda rng, shape: rng.uniform(-1e4, 1e4, shape),
+    "normal_plus_1e4": lambda rng, shape: rng.standard_normal(shape) + 1e4,
+    "nearly_constant": lambda rng, shape: 1 + 1e-6 * rng.standard_normal(shape),
+    "dominant_30": _dominant,
+}
+
+
+def accuracy_input(dist: str, shape: tuple[int, ...], dtype=F32, seed: int = 0) -> np.ndarray:
+    """Seeded input of ``shape`` drawn from ``DISTRIBUTIONS[dist]``, rounded to ``dtype``."""
+    return DISTRIBUTIONS[dist](np.random.default_rng(seed), shape).astype(dtype)
+
+
+@functools.cache
+def _jitted(name: str, axis=-1) -> Callable[[jax.Array], jax.Array]:
+    return jax.jit(lambda v: _fn(name)(v, axis=axis))
+
+
+def lse_ulp_error(out, x: np.ndarray, axis=-1) -> np.ndarray:
+    """logsumexp error in ulps of max(|result|, max|input|) over the row."""
+    ref = ref_logsumexp(x, axis)
+    scale = np.maximum(np.abs(ref), np.max(np.abs(x.astype(np.float64)), axis=axis))
+    return ulp_error(out, ref, scale)
+
+
+def ftz_slack(x: np.ndarray, axis=-1) -> np.ndarray:
+    """Per row, the sum of the terms exp(x_j - max) below float32's smallest normal number.
+
+    XLA:CPU flushes subnormal float32 results to zero, so these terms may be lost from the
+    normaliser: a float32 result can be off by this much in absolute terms. It is at most
+    ``n * 1.2e-38``, so it shows in ulps only for results below about ``n * 1e-31`` in magnitude
+    (the log-probability of an entry that dominates its row by more than ~70).
+    """
+    xf = x.astype(np.float64)
+    e = np.exp(xf - np.max(xf, axis=axis, keepdims=True))
+    return np.sum(np.where(e < TINY32, e, 0.0), axis=axis, keepdims=True)
+
+
+def log_softmax_ulp_excess(out, x: np.ndarray, axis=-1) -> np.ndarray:
+    """log_softmax error in ulps of its own value, minus the flush-to-zero allowance."""
+    ref = ref_log_softmax(x, axis)
+    err = ulp_error(out, ref)
+    return err - ftz_slack(x, axis) / ulp(ref, np.asarray(out).dtype)
+
+
+def softmax_error_ratio(out, x: np.ndarray, axis=-1, where=None) -> np.ndarray:
+    r"""float32 softmax error over the bound of its docstring, (|x_i - m| + 3) 2^-24 y_i + 2 ulp.
+
+    ``m`` is the row max (over ``where``). Values below float32's smallest normal number may be
+    flushed to 0, so there the bound is that number instead. A ratio <= 1 meets the bound.
+    """
+    xf = x.astype(np.float64)
+    ref = ref_softmax(x, axis, where)
+    xin = xf if where is None else np.where(where, xf, -np.inf)
+    z = np.abs(xf - np.max(xin, axis=axis, keepdims=True))
+    bound = (z + 3) * 2.0**-24 * ref + 2 * ulp(ref, np.float32)
+    bound = np.where(ref < TINY32, TINY32, bound)
+    return np.abs(np.asarray(out, np.float64) - ref) / bound
+
+
+@pytest.mark.parametrize("n", [1000, 32768])
+@pytest.mark.parametrize("dist", list(DISTRIBUTIONS))
+def test_accuracy_float32(dist, n):
+    x = accuracy_input(dist, (8, n), seed=n)
+    xj = jnp.asarray(x)
+    lse_err = lse_ulp_error(_jitted("logsumexp")(xj), x)
+    assert lse_err.max() <= ULP_BOUND[F32], lse_err.max()
+    ls_err = log_softmax_ulp_excess(_jitted("log_softmax")(xj), x)
+    assert ls_err.max() <= ULP_BOUND[F32], ls_err.max()
+    sm_ratio = softmax_error_ratio(_jitted("softmax")(xj), x)
+    assert sm_ratio.max() <= 1.0, sm_ratio.max()
+
+
+def test_log_softmax_dominant_entry_float32():
+    """The dominant entry's log-probability (about -1e-9 here) is accurate to a few ulp."""
+    x = accuracy_input("dominant_30", (8, 1000), seed=1)
+    out = np.asarray(_jitted("log_softmax")(jnp.asarray(x)))
+    top = np.argmax(x, axis=-1)[:, None]
+    got, ref = np.take_along_axis(out, top, -1), np.take_along_axis(ref_log_softmax(x), top, -1)
+    assert np.all((-1e-8 < ref) & (ref < -1e-10))
+    assert np.all(ulp_error(got, ref) <= ULP_BOUND[F32]), (got, ref)
+
+
+def test_log_softmax_flush_to_zero_allowance():
+    """The one place the float32 ulp bound needs the flush-to-zero slack: results that are
+    themselves below float32's smallest normal number (here exp(-88.08) = 5.6e-39)."""
+    x = np.asarray([[0.0, -88.08]], np.float32)
+    out = np.asarray(jaxlse.log_softmax(jnp.asarray(x)))
+    ref = ref_log_softmax(x)
+    assert abs(out[0, 0] - ref[0, 0]) <= ftz_slack(x)[0, 0]
+    assert log_softmax_ulp_excess(out, x).max() <= ULP_BOUND[F32]
+
+
+@pytest.mark.parametrize("n", [1000, 32768, 65539])
+@pytest.mark.parametrize("dist", list(DISTRIBUTIONS))
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_accuracy_low_precision(dtype, dist, n):
+    """float16 / bfloat16: within one ulp (of the dtype) of the exact answer for the cast inputs.
+
+    (Rows of 65539 entries near 1e4 overflow jax.nn's float16 sum; jaxlse sums in float32.)
+    """
+    x = accuracy_input(dist, (4, n), dtype=dtype, seed=n)
+    xj = jnp.asarray(x)
+    # bfloat16 shares float32's exponent range, so float32's flush to zero can reach it too.
+    ftz = dtype == BF16
+    sm_ref = ref_softmax(x)
+    slack = {
+        "logsumexp": 0.0,
+        "log_softmax": ftz_slack(x) if ftz else 0.0,
+        "softmax": np.where(sm_ref < TINY32, TINY32, 0.0) if ftz else 0.0,
+    }
+    for name, ref in [("logsumexp", ref_logsumexp(x)), ("log_softmax", ref_log_softmax(x)),
+                      ("softmax", sm_ref)]:
+        out = _jitted(name)(xj)
+        assert out.dtype == dtype
+        err = ulp_error(out, ref) - slack[name] / ulp(ref, dtype)
+        assert err.max() <= ULP_BOUND[dtype], (name, err.max())
+
+
+# Long rows take the library's blocked path (rows > 32768); tuple axes flatten to one row.
+LONG_ROWS = [
+    ((2, 32769), -1),
+    ((2, 40000), -1),
+    ((2, 65536), -1),
+    ((2, 65539), -1),
+    ((2, 131072), -1),
+    ((2, 200, 200), (1, 2)),
+    ((2, 256, 257), (-1, -2)),
+    ((40000, 2), 0),
+]
+
+
+@pytest.mark.parametrize("dist", list(DISTRIBUTIONS))
+@pytest.mark.parametrize(("shape", "axis"), LONG_ROWS, ids=str)
+def test_accuracy_long_rows_float32(shape, axis, dist):
+    x = accuracy_input(dist, shape, seed=len(shape))
+    xj = jnp.asarray(x)
+    assert lse_ulp_error(_jitted("logsumexp", axis)(xj), x, axis).max() <= ULP_BOUND[F32]
+    ls_err = log_softmax_ulp_excess(_jitted("log_softmax", axis)(xj), x, axis)
+    assert ls_err.max() <= ULP_BOUND[F32], ls_err.max()
+    assert softmax_error_ratio(_jitted("softmax", axis)(xj), x, axis).max() <= 1.0
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "where"])
+@pytest.mark.parametrize("n", [40000, 65539])
+def test_long_rows_gradient_where_and_b(n, masked):
+    """The blocked path with ``where`` and ``b``, and its gradient (the softmax)."""
+    rng = np.random.default_rng(15)
+    x = accuracy_input("normal_x10", (2, n), seed=15)
+    w = rng.random((2, n)) < 0.5 if masked else None
+    b = rng.uniform(0.0, 2.0, (2, n)).astype(np.float32)
+    wj = None if w is None else jnp.asarray(w)
+
+    def lse(v, bb):
+        return jaxlse.logsumexp(v, axis=-1, b=bb, where=wj)
+
+    scale = np.max(np.abs(x), axis=-1)
+    for bb in (None, b):
+        ref = ref_logsumexp(x, -1, b=bb, where=w)
+        out = jax.jit(lse)(jnp.asarray(x), bb)
+        assert ulp_error(out, ref, np.maximum(np.abs(ref), scale)).max() <= ULP_BOUND[F32]
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(lse(v, None))))(jnp.asarray(x))
+    assert softmax_error_ratio(grad, x, -1, w).max() <= 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Memory
+
+
+MEM_N, MEM_V = 512, 4096
+ARRAY_BYTES = MEM_N * MEM_V * 4  # one (N, V) float32 array
+ROW_BYTES = MEM_N * 4  # one float32 value per row
+
+
+def _temp_bytes(f, *args) -> int:
+    return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def _mem_args():
+    return jnp.zeros((MEM_N, MEM_V), F32), jnp.zeros((MEM_N, MEM_V), F32)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="jaxlse: value_and_grad of a log_softmax loss at (512, 4096) float32 keeps whole "
+    "(N, V) float32 temporaries: 3.0 arrays (25,171,968 B) at commit 838c6de, jax.nn 1.0. "
+    "XLA:CPU materialises each elementwise input of the row-reduction kernels (x - m, "
+    "exp(x - m), the at-max term, t * ...). Forward-only log_softmax: 1.0 array (jax.nn 0).",
+)
+def test_memory_log_softmax_value_and_grad():
+    """The gradient of a log_softmax loss keeps no (N, V) temporary: well under one array."""
+    x, t = _mem_args()
+    f = jax.value_and_grad(lambda v, tt: jnp.sum(jaxlse.log_softmax(v) * tt))
+    temp = _temp_bytes(f, x, t)
+    assert temp < 0.5 * ARRAY_BYTES, temp / ARRAY_BYTES
+
+
+def test_memory_logsumexp_and_softmax():
+    """Measured at (512, 4096): logsumexp 4,096 B forward and 4,160 B value_and_grad (about two
+    per-row vectors); softmax forward 2,048 B, value_and_grad 1.0005 arrays (the output y,
+    which its rule keeps; jax.nn's softmax gradient keeps 2.0 arrays)."""
+    x, t = _mem_args()
+    r = jnp.zeros((MEM_N,), F32)
+    assert _temp_bytes(lambda v: jaxlse.logsumexp(v, axis=-1), x) <= 4 * ROW_BYTES
+    f = jax.value_and_grad(lambda v, rr: jnp.sum(jaxlse.logsumexp(v, axis=-1) * rr))
+    assert _temp_bytes(f, x, r) <= 4 * ROW_BYTES
+    assert _temp_bytes(lambda v: jaxlse.softmax(v), x) <= 4 * ROW_BYTES
+    f = jax.value_and_grad(lambda v, tt: jnp.sum(jaxlse.softmax(v) * tt))
+    assert _temp_bytes(f, x, t) <= ARRAY_BYTES + 4 * ROW_BYTES
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Bad arguments
+
+
+def _first_arg(name: str) -> str:
+    return "a" if name == "logsumexp" else "x"
+
+
+X24 = np.zeros((2, 4), np.float32)
+
+BAD_INPUTS = [
+    ("list_of_str", ["spam", "eggs"], TypeError, "must be a numeric array"),
+    ("array_of_str", np.asarray(["spam", "eggs"]), TypeError, "must be a numeric array"),
+    ("str", "spam", TypeError, "must be a numeric array"),
+    ("complex", np.ones(3, np.complex64), TypeError, "must be real"),
+    ("none", None, TypeError, "must be a numeric array"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "value", "exc", "what"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS]
+)
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input(name, case, value, exc, what):
+    with pytest.raises(exc, match=rf"^{name}: `{_first_arg(name)}` {what}"):
+        _fn(name)(value)
+
+
+BAD_OPTIONS = [
+    ("axis_too_big", {"axis": 2}, ValueError, "axis", "out of range"),
+    ("axis_too_small", {"axis": -3}, ValueError, "axis", "out of range"),
+    ("axis_repeated", {"axis": (0, -2)}, ValueError, "axis", "repeated"),
+    ("axis_float", {"axis": 1.0}, TypeError, "axis", "must be an int"),
+    ("axis_str", {"axis": "1"}, TypeError, "axis", "must be an int"),
+    ("axis_tuple_float", {"axis": (0, 1.5)}, TypeError, "axis", "must be an int"),
+    ("where_shape", {"where": np.ones(3, bool)}, ValueError, "where", "does not broadcast"),
+    ("where_bigger", {"where": np.ones((3, 2, 4), bool)}, ValueError, "where", "does not broad"),
+    ("where_str", {"where": ["spam", "eggs"]}, TypeError, "where", "must be a boolean"),
+]
+BAD_B = [
+    ("b_shape", {"b": np.ones(3, np.float32)}, ValueError, "b", "does not broadcast"),
+    ("b_bigger", {"b": np.ones((3, 2, 4), np.float32)}, ValueError, "b", "does not broadcast"),
+    ("b_str", {"b": ["spam", "eggs"]}, TypeError, "b", "must be a numeric array"),
+    ("b_complex", {"b": np.ones(4, np.complex64)}, TypeError, "b", "must be real"),
+]
+
+
+def _bad_option_cases():
+    for name in NAMES:
+        for case in BAD_OPTIONS + (BAD_B if name == "logsumexp" else []):
+            yield pytest.param(name, *case[1:], id=f"{name}-{case[0]}")
+
+
+@pytest.mark.parametrize(("name", "kwargs", "exc", "arg", "what"), _bad_option_cases())
+def test_bad_options(name, kwargs, exc, arg, what):
+    pattern = rf"^{name}: `{arg}`.*{what}"
+    with pytest.raises(exc, match=pattern):
+        _fn(name)(X24, **kwargs)
+    # The same error at trace time under jit (array-valued arguments are traced).
+    arrays = {k: v for k, v in kwargs.items() if isinstance(v, np.ndarray)}
+    static = {k: v for k, v in kwargs.items() if k not in arrays}
+    with pytest.raises(exc, match=pattern):
+        jax.jit(lambda v, kw: _fn(name)(v, **kw, **static))(X24, arrays)
+
+
+# --------------------------------------------------------------------------------------------
+# 8. The worked example
+
+
+def test_worked_example():
+    logits = jnp.asarray([[2.0, 5.0, 3.0], [1.0, 2.0, 7.0], [6.0, 3.0, 1.0], [4.0, 3.0, 3.0]])
+    out = jaxlse.log_softmax(logits)
+    np.testing.assert_array_equal(np.round(np.asarray(out[0], np.float64), 4),
+                                  [-3.1698, -0.1698, -2.1698])
+    assert np.all(ulp_error(out, ref_log_softmax(np.asarray(logits))) <= ULP_BOUND[F32])
+    chex.assert_trees_all_close(jnp.exp(out), jaxlse.softmax(logits), **TOL[F32])
+    chex.assert_trees_all_close(logits - jaxlse.logsumexp(logits, axis=-1, keepdims=True), out,
+                                **TOL[F32])
+
+
+# --------------------------------------------------------------------------------------------
+# 9. Properties, dtype policy, retracing
+
+PROPERTY_SETTINGS = settings(max_examples=40, derandomize=True, deadline=None, database=None)
+
+# Rows of float32 values on a grid of 2**-10 in [-1024, 1024], so x + c is exact for |c| <= 1024.
+GRID = 2.0**-10
+rows = hnp.arrays(
+    np.float32,
+    st.sampled_from([(1,), (7,), (3, 16), (2, 3, 33)]),
+    elements=st.integers(-(2**20), 2**20).map(lambda k: np.float32(k * GRID)),
+)
+wide_rows = hnp.arrays(
+    np.float32,
+    st.sampled_from([(5,), (3, 16), (2, 33)]),
+    elements=st.floats(-1e4, 1e4, width=32, allow_subnormal=False),
+)
+
+
+@PROPERTY_SETTINGS
+@given(x=rows, c=st.integers(-1024, 1024))
+def test_property_shift_invariance(x, c):
+    lse, lse_shifted = jaxlse.logsumexp(x, axis=-1), jaxlse.logsumexp(x + np.float32(c), axis=-1)
+    # Each is within ULP_BOUND ulp of exact (at its scale), and the exact values differ by c.
+    scale = np.max(np.abs(x), axis=-1)
+    tol = ULP_BOUND[F32] * (ulp(np.maximum(np.abs(lse), scale), np.float32)
+                            + ulp(np.maximum(np.abs(lse_shifted), scale + abs(c)), np.float32))
+    diff = np.asarray(lse_shifted, np.float64) - (np.asarray(lse, np.float64) + c)
+    assert np.all(np.abs(diff) <= tol)
+
+
+@PROPERTY_SETTINGS
+@given(x=wide_rows)
+def test_property_softmax_sums_to_one(x):
+    y = np.asarray(jaxlse.softmax(x), np.float64)
+    ref = ref_softmax(x)
+    z = np.abs(x.astype(np.float64) - np.max(x, -1, keepdims=True))
+    tol = np.sum((z + 3) * 2.0**-24 * ref + 2 * ulp(ref, np.float32), axis=-1)
+    assert np.all(np.abs(np.sum(y, -1) - 1.0) <= tol)
+
+
+@PROPERTY_SETTINGS
+@given(x=wide_rows)
+def test_property_logsumexp_of_log_softmax_is_zero(x):
+    ls = jaxlse.log_softmax(x)
+    out = np.asarray(jaxlse.logsumexp(ls, axis=-1), np.float64)
+    ref_ls, p = ref_log_softmax(x), ref_softmax(x)
+    n = x.shape[-1]
+    # ls_i carries up to ULP_BOUND ulp of error, weighted by p_i; logsumexp adds a few ulp of its
+    # largest term (|max ls| <= log n).
+    tol = ULP_BOUND[F32] * (np.sum(p * ulp(ref_ls, np.float32), -1)
+                            + ulp(max(1.0, math.log(n)), np.float32))
+    assert np.all(np.abs(out) <= tol)
+
+
+@PROPERTY_SETTINGS
+@given(x=wide_rows)
+def test_property_logsumexp_bounds(x):
+    lse = np.asarray(jaxlse.logsumexp(x, axis=-1))
+    m = np.max(x, axis=-1)
+    assert np.all(lse >= m)
+    assert np.all(lse <= (m + np.float32(math.log(x.shape[-1]))) + ulp(m, np.float32))
+
+
+@PROPERTY_SETTINGS
+@given(x=wide_rows, axis=st.sampled_from([-1, 0, None]))
+def test_property_matches_float64_reference(x, axis):
+    lse = jaxlse.logsumexp(x, axis=axis)
+    assert np.all(lse_ulp_error(lse, x, axis) <= ULP_BOUND[F32])
+    if axis is not None:
+        assert np.all(log_softmax_ulp_excess(jaxlse.log_softmax(x, axis), x, axis)
+                      <= ULP_BOUND[F32])
+        assert np.all(softmax_error_ratio(jaxlse.softmax(x, axis), x, axis) <= 1.0)
+
+
+DTYPE_POLICY = [
+    (np.int32, F32),
+    (np.int8, F32),
+    (np.uint8, F32),
+    (np.bool_, F32),
+    (F16, F16),
+    (BF16, BF16),
+    (F32, F32),
+]
+
+
+@pytest.mark.parametrize(("in_dtype", "out_dtype"), DTYPE_POLICY, ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_dtype_policy(name, in_dtype, out_dtype):
+    x = jnp.asarray(np.arange(-3, 3).reshape(2, 3).astype(in_dtype))
+    out = _call(name, x, -1)
+    assert out.dtype == out_dtype
+    chex.assert_trees_all_close(out, _call(name, x.astype(F32), -1).astype(out_dtype),
+                                strict=True)
+    if name == "logsumexp":
+        result, sign = jaxlse.logsumexp(x, axis=-1, b=x, return_sign=True)
+        assert result.dtype == sign.dtype == out_dtype
+
+
+@pytest.mark.parametrize("in_dtype", [np.int64, np.int32, np.bool_, F64], ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_dtype_policy_x64(x64, name, in_dtype):
+    x = jnp.asarray(np.arange(-3, 3).reshape(2, 3).astype(in_dtype))
+    out = _call(name, x, -1)
+    assert out.dtype == F64
+    assert _call(name, jnp.zeros(3, F32), -1).dtype == F32
+
+
+def test_jit_does_not_retrace():
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(x, w, b):
+        return (jaxlse.logsumexp(x, axis=-1, b=b, where=w), jaxlse.log_softmax(x, where=w),
+                jaxlse.softmax(x, axis=(0, 1), where=w))
+
+    for seed in range(3):
+        x = _normal((4, 5), seed=seed)
+        f(x, _mask((4, 5), -1, seed=seed), jnp.abs(x))
+    with pytest.raises(AssertionError, match="retrac|trace"):
+        f(_normal((4, 6)), _mask((4, 6), -1), jnp.ones((4, 6)))
