@@ -147,9 +147,13 @@ def _z(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     the :math:`+\infty` entries and :math:`\le -2\cdot 10^{31}` (float32) elsewhere, so
     ``exp(z)`` is their limit (1 and 0). In a row with no entry it is ``-inf``. Excluded entries
     are ``-inf``. ``m`` is clipped after broadcasting, so that XLA keeps the whole row
-    computation in one fused kernel.
+    computation in one fused kernel. 16-bit ``x`` (and ``m``, which is exact in ``x``'s dtype)
+    is converted to float32 here, inside each kernel that reads it: a single converted copy read
+    by several kernels would be materialised.
     """
-    big = jnp.finfo(x.dtype).max
+    cd = compute_dtype(x.dtype)
+    x, m = x.astype(cd), m.astype(cd)
+    big = jnp.finfo(cd).max
     m = jnp.broadcast_to(m, np.broadcast_shapes(x.shape, m.shape))
     z = jnp.minimum(x, big) - jnp.minimum(m, big)
     return z if mask is None else jnp.where(mask, z, -jnp.inf)
@@ -176,11 +180,10 @@ def _p(x: jax.Array, m: jax.Array, log_sum: jax.Array) -> jax.Array:
     The optimization barrier keeps XLA from sharing (N, V) intermediates (``z``, broadcasts of
     the row statistics) between the forward kernels and this backward one: XLA:CPU materialises
     any such shared intermediate, which costs a full (N, V) temporary. It changes no value and
-    is differentiable, so higher derivatives stay exact. 16-bit ``x`` is converted here, after
-    the barrier, for the same reason.
+    is differentiable, so higher derivatives stay exact.
     """
     x, m, log_sum = lax.optimization_barrier((x, m, log_sum))
-    return jnp.exp(_z(x.astype(log_sum.dtype), m) - log_sum)
+    return jnp.exp(_z(x, m) - log_sum)
 
 
 def _sum_exp(
@@ -229,9 +232,9 @@ def _logsumexp_core(
             "sum", lambda v, mm, w, bb: bb * jnp.exp(_z(v, mm, w)), axes, x, m, counted, b
         )
     sign = jnp.sign(total)
-    out = jnp.minimum(m, jnp.finfo(x.dtype).max) + jnp.log(jnp.abs(total))
-    out = jnp.where(m == jnp.inf, jnp.inf, out).astype(x.dtype)
-    return out, sign.astype(x.dtype)
+    cd = total.dtype
+    out = jnp.minimum(m.astype(cd), jnp.finfo(cd).max) + jnp.log(jnp.abs(total))
+    return jnp.where(m == jnp.inf, jnp.inf, out), sign
 
 
 @_logsumexp_core.defjvp
@@ -239,7 +242,7 @@ def _logsumexp_jvp(axes, primals, tangents):
     x, mask, b = primals
     x_dot, _, b_dot = tangents
     out, sign = _logsumexp_core(axes, x, mask, b)
-    x_dot = _masked(x_dot, mask)
+    x_dot = _masked(x_dot.astype(out.dtype), mask)
     if b is None:
         # d lse = sum_j softmax_j dx_j. softmax is itself a custom_jvp core, so derivatives of any
         # order stay exact; it is 0 on excluded entries and on rows with no entry, which gives
@@ -354,7 +357,7 @@ def logsumexp(
         out_dtype = x.dtype
     mask = as_mask(fn, where, x.shape)
     axes = normalize_axes(fn, axis, x.ndim)
-    out, sign = _logsumexp_core(axes, x.astype(compute_dtype(out_dtype)), mask, b_arr)
+    out, sign = _logsumexp_core(axes, x, mask, b_arr)
     if not keepdims:
         out, sign = jnp.squeeze(out, axes), jnp.squeeze(sign, axes)
     if b_arr is not None and not return_sign:
@@ -376,11 +379,10 @@ def _log_softmax_core(
     # A row with no entry has c = 0 and gets log1p(0) = 0, so z - 0 = -inf there.
     # In a row holding +inf, z is 0 at the +inf entries and about -big elsewhere; scaling by
     # 1 + big sends the latter to -inf. d is 1 for such rows and 0 otherwise.
-    big = jnp.finfo(x.dtype).max
     z = _z(x, m, mask)
-    d = jnp.maximum(1 - jnp.exp(big - jnp.broadcast_to(m, z.shape)), 0.0)
-    out = z * (1 + d * big) - jnp.log1p(jnp.maximum(t + (c - 1), 0.0))
-    return out.astype(x.dtype)
+    big = jnp.finfo(z.dtype).max
+    d = jnp.maximum(1 - jnp.exp(big - jnp.broadcast_to(m.astype(z.dtype), z.shape)), 0.0)
+    return z * (1 + d * big) - jnp.log1p(jnp.maximum(t + (c - 1), 0.0))
 
 
 @_log_softmax_core.defjvp
@@ -392,9 +394,9 @@ def _log_softmax_jvp(axes, primals, tangents):
     # derivatives exact. Excluded entries are constant (-inf) and get a zero tangent. So does a
     # row with no entry above -inf (its max statistic is -big): its output is constant -inf.
     y = _softmax_core(axes, x, mask)
-    x_dot = _masked(x_dot, mask)
+    x_dot = _masked(x_dot.astype(out.dtype), mask)
     out_dot = x_dot - jnp.sum(y * x_dot, axis=axes, keepdims=True)
-    live = (_masked_max(axes, x, mask) > -jnp.finfo(x.dtype).max).astype(x.dtype)
+    live = (_masked_max(axes, x, mask) > -jnp.finfo(x.dtype).max).astype(out.dtype)
     return out, (_masked(out_dot, mask) * live).astype(out.dtype)
 
 
@@ -444,7 +446,7 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
     arr = as_float_array(fn, "x", x)
     mask = as_mask(fn, where, arr.shape)
     axes = normalize_axes(fn, axis, arr.ndim)
-    return _log_softmax_core(axes, arr.astype(compute_dtype(arr.dtype)), mask).astype(arr.dtype)
+    return _log_softmax_core(axes, arr, mask).astype(arr.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,7 +458,7 @@ def _softmax_core(axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None) -
     m, total = _sum_exp(axes, x, mask)
     # total >= 1 in any row with an entry (the max contributes e^0); a row without one has
     # total = 0 and exp(z) = 0, which max(total, 1) turns into 0 rather than 0 / 0.
-    return (jnp.exp(_z(x, m, mask)) / jnp.maximum(total, 1.0)).astype(x.dtype)
+    return jnp.exp(_z(x, m, mask)) / jnp.maximum(total, 1.0)
 
 
 @_softmax_core.defjvp
@@ -466,7 +468,7 @@ def _softmax_jvp(axes, primals, tangents):
     y = _softmax_core(axes, x, mask)
     # Keeps y only (the output); y is 0 on excluded entries and on rows with no entry, so those
     # get a zero tangent whatever their input held.
-    x_dot = _masked(x_dot, mask)
+    x_dot = _masked(x_dot.astype(y.dtype), mask)
     return y, y * (x_dot - jnp.sum(y * x_dot, axis=axes, keepdims=True))
 
 
@@ -516,4 +518,4 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
     arr = as_float_array(fn, "x", x)
     mask = as_mask(fn, where, arr.shape)
     axes = normalize_axes(fn, axis, arr.ndim)
-    return _softmax_core(axes, arr.astype(compute_dtype(arr.dtype)), mask).astype(arr.dtype)
+    return _softmax_core(axes, arr, mask).astype(arr.dtype)
