@@ -1,0 +1,116 @@
+"""Accuracy of jaxlse against jax.nn and optax, in ulps of the output dtype.
+
+For each input distribution, row length and dtype, prints the largest error over all entries,
+measured against the exact answer for the given (rounded) inputs, computed in float64:
+
+* ``log_softmax``: ulps of its own value;
+* ``logsumexp``: ulps of ``max(|result|, max|input|)`` (the scale the inputs fix);
+* ``cross_entropy`` with integer labels (per example): ulps of the loss.
+
+Run: ``python benchmarks/bench_accuracy.py`` (about a minute on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxlse
+
+ROWS = 8
+
+
+def distributions(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The input distributions of the accuracy targets, ``ROWS`` rows of length ``n``."""
+    normal = rng.standard_normal((ROWS, n))
+    dominant = rng.standard_normal((ROWS, n))
+    dominant[np.arange(ROWS), rng.integers(0, n, ROWS)] += 30.0
+    return {
+        "normal": normal,
+        "normal x10": 10 * normal,
+        "normal x100": 100 * normal,
+        "uniform 1e4": rng.uniform(-1e4, 1e4, (ROWS, n)),
+        "normal + 1e4": normal + 1e4,
+        "nearly constant": 1 + 1e-6 * normal,
+        "one logit +30": dominant,
+    }
+
+
+def exact_lse(x: np.ndarray) -> np.ndarray:
+    """Float64 log-sum-exp of the rows of ``x`` with log1p of the non-max terms."""
+    m = x.max(axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    e[np.arange(x.shape[0]), x.argmax(axis=-1)] = 0.0
+    return (m + np.log1p(e.sum(axis=-1, keepdims=True)))[:, 0]
+
+
+def exact_log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    e[np.arange(x.shape[0]), x.argmax(axis=-1)] = 0.0
+    return (x - m) - np.log1p(e.sum(axis=-1, keepdims=True))
+
+
+def ulps(got: np.ndarray, want: np.ndarray, scale: np.ndarray, dtype: jnp.dtype) -> float:
+    """Largest ``|got - want|`` in units of ``dtype``'s spacing at ``|scale|``."""
+    spacing = np.spacing(np.abs(scale).astype(np.float32)).astype(np.float64)
+    if dtype != jnp.float32:
+        eps = float(jnp.finfo(dtype).eps)
+        spacing = np.maximum(np.abs(scale), float(jnp.finfo(dtype).tiny)) * eps
+        spacing = 2.0 ** np.floor(np.log2(spacing))
+    err = np.abs(got.astype(np.float64) - want)
+    finite = np.isfinite(want)
+    return float(np.max(err[finite] / spacing[finite]))
+
+
+def measure(dtype: jnp.dtype, n: int, seed: int) -> list[tuple[str, str, float, float]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for name, raw in distributions(n, rng).items():
+        x = jnp.asarray(raw, dtype)
+        x64 = np.asarray(x.astype(jnp.float32), np.float64)
+        lsm_want = exact_log_softmax(x64)
+        lse_want = exact_lse(x64)
+        lse_scale = np.maximum(np.abs(lse_want), np.abs(x64).max(axis=-1))
+
+        def to_np(f: Callable[..., jax.Array], *args: object) -> np.ndarray:
+            return np.asarray(jnp.asarray(f(*args)).astype(jnp.float32), np.float64)
+
+        lsm = [to_np(f, x) for f in (jaxlse.log_softmax, jax.nn.log_softmax)]
+        lse = [to_np(lambda v, f=f: f(v, axis=-1), x)
+               for f in (jaxlse.logsumexp, jax.nn.logsumexp)]
+        out.append((name, "log_softmax", *(ulps(v, lsm_want, lsm_want, dtype) for v in lsm)))
+        out.append((name, "logsumexp", *(ulps(v, lse_want, lse_scale, dtype) for v in lse)))
+        if dtype == jnp.float32:
+            labels = np.asarray(x64.argmax(axis=-1) if name == "one logit +30"
+                                else rng.integers(0, n, ROWS))
+            want = -lsm_want[np.arange(ROWS), labels]
+            y = jnp.asarray(labels)
+            ce = [to_np(lambda v, y=y: jaxlse.cross_entropy(v, y, reduction="none"), x),
+                  to_np(optax.softmax_cross_entropy_with_integer_labels, x, y)]
+            out.append((name, "cross_entropy", *(ulps(v, want, want, dtype) for v in ce)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,32768")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0].platform}")
+    print("| dtype | n | inputs | function | jaxlse max ulp | jax.nn / optax max ulp |")
+    print("|---|--:|---|---|--:|--:|")
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        for n in (int(s) for s in args.sizes.split(",")):
+            for name, fn, ours, theirs in measure(jnp.dtype(dtype), n, args.seed):
+                print(f"| {jnp.dtype(dtype).name} | {n} | {name} | {fn} | {ours:.3g} "
+                      f"| {theirs:.3g} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
