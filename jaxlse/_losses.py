@@ -257,7 +257,8 @@ def nll_loss(
         idx = jnp.where(valid, lab, 0)
         picked = jnp.take_along_axis(lp, idx[..., None], axis=-1)[..., 0].astype(out_dtype)
         wy = jnp.ones_like(picked) if w is None else w[idx]
-        loss = jnp.where(valid, -wy * picked, jnp.nan)
+        # A product with NaN, not a select, so that a bad label's gradient is NaN too.
+        loss = -wy * picked * jnp.where(valid, 1.0, jnp.nan).astype(out_dtype)
         denom = jnp.where(counted, wy, 0.0)
     loss = jnp.where(counted, loss, 0.0)
     return _reduce_loss(loss, denom, reduction).astype(out_dtype)
@@ -372,7 +373,7 @@ def _ce_jvp(soft, smoothing, primals, tangents):
         valid = (labels >= 0) & (labels < num_classes)
         idx = jnp.where(valid, labels, 0)[..., None]
         wy = jnp.asarray(1, cd) if weight is None else weight[idx]
-        onehot = (_row(jnp.arange(num_classes), x.ndim) == idx).astype(cd)
+        onehot = (_row(jnp.arange(num_classes, dtype=idx.dtype), x.ndim) == idx).astype(cd)
         a = (1 - eps) * wy
         b = a * onehot
         if smoothing:
