@@ -18,6 +18,7 @@ Plain pytest functions only; every input is seeded.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable
 
@@ -853,7 +854,7 @@ def _mem_args():
 @pytest.mark.xfail(
     strict=True,
     reason="jaxlse: value_and_grad of a log_softmax loss at (512, 4096) float32 keeps whole "
-    "(N, V) float32 temporaries: 3.0 arrays (25,171,968 B) at commit 838c6de, jax.nn 1.0. "
+    "(N, V) float32 temporaries: 2.0 arrays (16,785,408 B) at commit ce64aa2, jax.nn 1.0. "
     "XLA:CPU materialises each elementwise input of the row-reduction kernels (x - m, "
     "exp(x - m), the at-max term, t * ...). Forward-only log_softmax: 1.0 array (jax.nn 0).",
 )
@@ -1081,3 +1082,29 @@ def test_jit_does_not_retrace():
         f(x, _mask((4, 5), -1, seed=seed), jnp.abs(x))
     with pytest.raises(AssertionError, match="retrac|trace"):
         f(_normal((4, 6)), _mask((4, 6), -1), jnp.ones((4, 6)))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="jaxlse regression (974c736): _sum calls lax.reduce with a new `lambda a, b: a + b` "
+    "on every call, so every eager call recompiles its reduce (about 30-60 ms per call on a "
+    "(3, 4) input instead of 0.5 ms); a module-level function would be cached",
+)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "where"])
+@pytest.mark.parametrize("name", NAMES)
+def test_eager_calls_do_not_recompile(name, masked, caplog):
+    """A repeated eager call with the same shapes compiles nothing new (op-by-op dispatch reuses
+    its cached executables), nor does its gradient."""
+    x = _normal((3, 5), seed=19)
+    w = _mask((3, 5), -1, seed=19) if masked else None
+
+    def run(v):
+        jax.block_until_ready(_call(name, v, -1, where=w))
+        jax.block_until_ready(jax.grad(lambda u: jnp.sum(_call(name, u, -1, where=w)[..., 0]))(v))
+
+    x2 = x + 1.0
+    run(x)  # warm up
+    with jax.log_compiles(True), caplog.at_level(logging.DEBUG):
+        run(x2)
+    compiled = [r.getMessage()[:80] for r in caplog.records if "Compiling" in r.getMessage()]
+    assert not compiled, compiled
