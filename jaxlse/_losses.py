@@ -30,7 +30,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from ._checks import as_float_array, compute_dtype
-from ._lse import _masked_max, _p, _reduce, _split_exp, _z
+from ._lse import _p, _reduce, _row_log_sum, _z
 
 Reduction = Literal["none", "sum", "mean"]
 _REDUCTIONS = ("none", "sum", "mean")
@@ -258,7 +258,8 @@ def nll_loss(
         picked = jnp.take_along_axis(lp, idx[..., None], axis=-1)[..., 0].astype(out_dtype)
         wy = jnp.ones_like(picked) if w is None else w[idx]
         # A product with NaN, not a select, so that a bad label's gradient is NaN too.
-        loss = -wy * picked * jnp.where(valid, 1.0, jnp.nan).astype(out_dtype)
+        bad = counted & jnp.logical_not(valid)
+        loss = -wy * picked * jnp.where(bad, jnp.nan, 1.0).astype(out_dtype)
         denom = jnp.where(counted, wy, 0.0)
     loss = jnp.where(counted, loss, 0.0)
     return _reduce_loss(loss, denom, reduction).astype(out_dtype)
@@ -269,21 +270,14 @@ def nll_loss(
 
 
 def _ce_row(x: jax.Array, cd: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-example ``(m, L, lse)`` in dtype ``cd``, ``L = lse - m = log1p(t + c - 1)``.
+    """Per-example ``(m, L, lse)`` in dtype ``cd``, ``L = lse - m`` (see ``_row_log_sum``).
 
     Classes are last. Shared by the primal and the rule, which XLA computes once. 16-bit ``x``
     is converted inside each reduction rather than once up front: the max is exact in ``x``'s
     own dtype, and a single converted copy read by several kernels would be materialised.
     """
-    axes = (x.ndim - 1,)
-    m = _masked_max(axes, x, None).astype(cd)
-
-    def parts(v: jax.Array, mm: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return _split_exp(_z(v.astype(cd), mm), via_exp=True)
-
-    t = _reduce("sum", lambda v, mm: parts(v, mm)[0], axes, x, m)
-    c = _reduce("sum", lambda v, mm: parts(v, mm)[1], axes, x, m)
-    log_sum = jnp.log1p(jnp.maximum(t + (c - 1), 0.0))
+    m, log_sum = _row_log_sum((x.ndim - 1,), x, None)
+    m = m.astype(cd)
     big = jnp.finfo(cd).max
     lse = jnp.where(m == jnp.inf, jnp.inf, jnp.minimum(m, big) + log_sum)
     return m, log_sum, lse

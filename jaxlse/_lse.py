@@ -1,15 +1,12 @@
 r"""logsumexp, log_softmax and softmax: public wrappers, private custom_jvp cores and their rules.
 
-All three share one computation of per-row statistics (:func:`_row_stats`). With
-:math:`m = \max_j x_j` over the included entries and :math:`z_j = x_j - m`,
-
-.. math::
-  t = \sum_{j:\, z_j < 0} e^{z_j}, \qquad c = \#\{j : z_j = 0\}, \qquad
-  \sum_j e^{z_j} = 1 + s', \quad s' = t + (c - 1),
-
-so that :math:`\operatorname{logsumexp}(x) = m + \operatorname{log1p}(s')` keeps full relative
-accuracy when one entry dominates (:math:`s'` tiny), where :math:`m + \log(1 + s')` would round
-:math:`1 + s'` to 1 and return 0 for a log-probability of about :math:`-s'`.
+All three share per-row statistics. With :math:`m = \max_j x_j` over the included entries,
+:math:`z_j = x_j - m` and :math:`S = \sum_j e^{z_j} \ge 1`,
+:math:`\operatorname{logsumexp}(x) = m + \log S`, and
+:math:`\operatorname{log\_softmax}(x)_i = z_i - \log S`. When one entry dominates,
+:math:`S = 1 + t` with :math:`t` tiny and :math:`\log S` would round to 0, losing the
+log-probability of about :math:`-t` at the dominant entry; there ``log1p(t)`` with :math:`t`
+summed directly keeps full relative accuracy (:func:`_row_log_sum`).
 
 Infinite maxima are handled by their limits: a row whose maximum is :math:`+\infty` puts equal
 probability on its :math:`+\infty` entries, and a row with no finite or :math:`+\infty` entry (all
@@ -64,6 +61,11 @@ def _block_size(n: int) -> int | None:
     return None
 
 
+def _add(a: jax.Array, b: jax.Array) -> jax.Array:
+    # A module-level function (not a lambda), so that lax.reduce's cache sees the same one.
+    return a + b
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _sum(v: jax.Array, dims: tuple[int, ...]) -> jax.Array:
     """``jnp.sum(v, dims)`` as a reduce whose initial value is ``-0.0``.
@@ -73,7 +75,7 @@ def _sum(v: jax.Array, dims: tuple[int, ...]) -> jax.Array:
     to our kernel as a runtime value and runs that kernel several times slower. ``-0.0`` is as
     good a start for a sum and is not shared. Differentiated as ``jnp.sum``.
     """
-    return lax.reduce(v, np.array(-0.0, v.dtype), lambda a, b: a + b, dims)
+    return lax.reduce(v, np.array(-0.0, v.dtype), _add, dims)
 
 
 @_sum.defjvp
@@ -159,21 +161,6 @@ def _z(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     return z if mask is None else jnp.where(mask, z, -jnp.inf)
 
 
-def _split_exp(z: jax.Array, via_exp: bool = False) -> tuple[jax.Array, jax.Array]:
-    """``(e - k, k)`` with ``e = exp(z)`` and ``k`` the indicator of the row's max, for ``z <= 0``.
-
-    ``k`` is 1 exactly where ``z`` rounds to 0 (``floor(z + 1)``, or ``floor(e)`` with
-    ``via_exp``; both are consistent with the ``e - k`` they are paired with) and 0 elsewhere,
-    so the two parts split ``e`` without cancellation. Arithmetic only, so it fuses with the
-    reductions. The two forms compute the same values; they differ in which intermediates XLA
-    shares with a backward kernel, and each caller uses the one that keeps its compiled
-    temporaries smallest (asserted in the tests).
-    """
-    e = jnp.exp(z)
-    k = jnp.floor(e) if via_exp else jnp.maximum(jnp.floor(z + 1), 0.0)
-    return e - k, k
-
-
 def _p(x: jax.Array, m: jax.Array, log_sum: jax.Array) -> jax.Array:
     """``softmax = exp(z - L)`` for a rule's backward pass, from ``x`` and per-row statistics.
 
@@ -196,19 +183,38 @@ def _sum_exp(
     return m, _reduce("sum", lambda v, mm, w: jnp.exp(_z(v, mm, w)), axes, x, m, mask)
 
 
-def _split_sum_exp(
+def _row_log_sum(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    r"""Returns ``(m, t, c)`` of the module docstring, reduced axes kept.
+) -> tuple[jax.Array, jax.Array]:
+    r"""Returns ``(m, L)`` with :math:`L = \log \sum_j e^{z_j}`, reduced axes kept.
 
-    With :func:`_split_exp`, ``t = sum_j (e_j - k_j)`` and ``c = sum_j k_j`` split
-    :math:`\sum_j e^{z_j} = t + c` without cancellation; XLA fuses both sums into one pass.
+    ``L`` keeps its relative accuracy when one entry dominates: then :math:`S = \sum_j e^{z_j}`
+    is :math:`1 + t` with :math:`t` tiny, and ``log(S)`` would return ``t`` rounded to the
+    float32 spacing at 1. For rows with :math:`S < 1.5` (where the max is unique, since each
+    max entry adds 1), ``L = log1p(t)`` with :math:`t = \sum_{j:\, z_j < 0} e^{z_j}` summed
+    directly. That second pass runs (under ``lax.cond``) only when some row needs it, and it
+    shares nothing with the first: XLA:CPU materialises (N, V) intermediates that two reductions
+    share. ``L`` is 0 for a row with no entry. Its derivative is that of ``log(S)``.
     """
     m = _masked_max(axes, x, mask)
     args = (x, m) if mask is None else (x, m, mask)
-    t = _reduce("sum", lambda *a: _split_exp(_z(*a))[0], axes, *args)
-    c = _reduce("sum", lambda *a: _split_exp(_z(*a))[1], axes, *args)
-    return m, t, c
+    total = _reduce("sum", lambda *a: jnp.exp(_z(*a)), axes, *args)
+    tiny = jnp.finfo(total.dtype).tiny
+    base = jnp.log(jnp.maximum(total, tiny))
+
+    def exact(args: tuple[jax.Array, ...], total: jax.Array, base: jax.Array) -> jax.Array:
+        def below(*a: jax.Array) -> jax.Array:
+            z = _z(*a)
+            # 1 where z < 0, 0 at the max (z = 0): |z| >= tiny whenever z != 0.
+            return jnp.exp(z) * jnp.minimum(z * (-1 / tiny), 1.0)
+
+        t = _reduce("sum", below, axes, *args)
+        return jnp.where(total < 1.5, jnp.log1p(t), base)
+
+    fixed = lax.cond(
+        jnp.any(total < 1.5), exact, lambda args, total, base: base, args, total, base
+    )
+    return m, base + lax.stop_gradient(fixed - base)
 
 
 def _masked(v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -374,15 +380,14 @@ def logsumexp(
 def _log_softmax_core(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
-    m, t, c = _split_sum_exp(axes, x, mask)
-    # log(sum_j e^{z_j}) = log1p(t + c - 1): exact to the last bit when one entry dominates.
-    # A row with no entry has c = 0 and gets log1p(0) = 0, so z - 0 = -inf there.
+    m, log_sum = _row_log_sum(axes, x, mask)
     # In a row holding +inf, z is 0 at the +inf entries and about -big elsewhere; scaling by
-    # 1 + big sends the latter to -inf. d is 1 for such rows and 0 otherwise.
+    # 1 + big sends the latter to -inf. d is 1 for such rows and 0 otherwise. A row with no
+    # entry has z = -inf and L = 0.
     z = _z(x, m, mask)
     big = jnp.finfo(z.dtype).max
     d = jnp.maximum(1 - jnp.exp(big - jnp.broadcast_to(m.astype(z.dtype), z.shape)), 0.0)
-    return z * (1 + d * big) - jnp.log1p(jnp.maximum(t + (c - 1), 0.0))
+    return z * (1 + d * big) - log_sum
 
 
 @_log_softmax_core.defjvp
