@@ -30,7 +30,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from ._checks import as_float_array, compute_dtype
-from ._lse import _p, _reduce, _row_log_sum, _z
+from ._lse import _jit_core, _p, _reduce, _row_log_sum, _z
 
 Reduction = Literal["none", "sum", "mean"]
 _REDUCTIONS = ("none", "sum", "mean")
@@ -497,7 +497,7 @@ def cross_entropy(
     zeta = jnp.asarray(z_loss, out_dtype)
     counted = jnp.broadcast_to(counted, x.shape[:-1])
     smoothing = not (_concrete(label_smoothing) and float(np.asarray(label_smoothing)) == 0.0)
-    loss = _ce_core(soft, smoothing, x, lab, w, eps, zeta, counted)
+    loss = _jit_core(_ce_core, 2)(soft, smoothing, x, lab, w, eps, zeta, counted)
     if soft or w is None:
         denom = counted.astype(out_dtype)
     else:

@@ -16,6 +16,7 @@ and ``softmax = 0`` with zero derivatives.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from functools import partial
@@ -217,6 +218,17 @@ def _row_log_sum(
     return m, base + lax.stop_gradient(fixed - base)
 
 
+@functools.cache
+def _jit_core(core: Callable[..., jax.Array], static: int = 1) -> Callable[..., jax.Array]:
+    """``core`` under ``jax.jit`` with its first ``static`` arguments static.
+
+    Eager calls then compile once per shape instead of dispatching op by op (the ``lax.cond``
+    in :func:`_row_log_sum` would be traced anew on every eager call); inside an outer ``jit``
+    it is inlined.
+    """
+    return jax.jit(core, static_argnums=tuple(range(static)))
+
+
 def _masked(v: jax.Array, mask: jax.Array | None) -> jax.Array:
     return v if mask is None else jnp.where(mask, v, jnp.zeros_like(v))
 
@@ -363,7 +375,7 @@ def logsumexp(
         out_dtype = x.dtype
     mask = as_mask(fn, where, x.shape)
     axes = normalize_axes(fn, axis, x.ndim)
-    out, sign = _logsumexp_core(axes, x, mask, b_arr)
+    out, sign = _jit_core(_logsumexp_core)(axes, x, mask, b_arr)
     if not keepdims:
         out, sign = jnp.squeeze(out, axes), jnp.squeeze(sign, axes)
     if b_arr is not None and not return_sign:
@@ -451,7 +463,7 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
     arr = as_float_array(fn, "x", x)
     mask = as_mask(fn, where, arr.shape)
     axes = normalize_axes(fn, axis, arr.ndim)
-    return _log_softmax_core(axes, arr, mask).astype(arr.dtype)
+    return _jit_core(_log_softmax_core)(axes, arr, mask).astype(arr.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,4 +535,4 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
     arr = as_float_array(fn, "x", x)
     mask = as_mask(fn, where, arr.shape)
     axes = normalize_axes(fn, axis, arr.ndim)
-    return _softmax_core(axes, arr, mask).astype(arr.dtype)
+    return _jit_core(_softmax_core)(axes, arr, mask).astype(arr.dtype)

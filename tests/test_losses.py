@@ -15,24 +15,8 @@ Sections, in the order of the issue:
 9. transformations (jit, vmap, grad), retracing, traced options, the class axis, dtypes.
 
 Plain pytest functions only; every input is seeded. The conftest turns on strict dtype
-promotion and ``rank_promotion="raise"``.
-
-Known library bugs are written as failing tests marked ``xfail(strict=True)``:
-
-* BUG 1 (``test_grad_labels_of_any_integer_dtype``): the JVP rule of ``cross_entropy`` with
-  integer labels compares ``jnp.arange(num_classes)`` (the default integer dtype) with the
-  labels, so under strict dtype promotion any derivative raises ``TypePromotionError`` for
-  labels that are not of the default integer dtype (int8, uint8, int16, uint32; int32 labels
-  with ``jax_enable_x64``). The loss itself, and ``nll_loss``, accept them.
-* BUG 2 (``test_memory_value_and_grad_float32_target``): on XLA:CPU (jax 0.10.2) the compiled
-  ``value_and_grad`` of ``cross_entropy`` keeps one ``(N, V)`` float32 temporary, 4.0 bytes per
-  logit (optax: 0.003), not "near zero beyond the gradient".
-* BUG 3 (``test_out_of_range_label_under_jit_gradient_row_is_nan``): under ``jit``, ``nll_loss``
-  gives a counted out-of-range label a NaN loss but a zero gradient row (``cross_entropy``
-  gives NaN for both, as the issue asks).
-
-Almost everything runs under ``jax.jit``: on XLA:CPU each new shape costs a compilation per
-operation when run eagerly.
+promotion and ``rank_promotion="raise"``. Almost everything runs under ``jax.jit``: on
+XLA:CPU each new shape costs a compilation per operation when run eagerly.
 """
 
 from __future__ import annotations
@@ -554,7 +538,16 @@ def test_forward_pass_uses_the_custom_rule(soft):
     x = jnp.asarray(WORKED_LOGITS)
     labels = jnp.asarray(_soft_labels((4, 3)) if soft else WORKED_LABELS)
     jaxpr = jax.make_jaxpr(lambda v, y: jaxlse.cross_entropy(v, y))(x, labels)
-    names = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
+
+    def primitives(jx) -> list[str]:  # every primitive, inside nested jaxprs (jit) too
+        out = []
+        for eqn in jx.eqns:
+            out.append(eqn.primitive.name)
+            if eqn.primitive.name in ("jit", "pjit"):
+                out += primitives(eqn.params["jaxpr"].jaxpr)
+        return out
+
+    names = primitives(jaxpr.jaxpr)
     assert names.count("custom_jvp_call") == 1, names
 
 
@@ -935,16 +928,8 @@ def test_out_of_range_label_under_jit_loss_is_nan(fn, bad):
         assert np.isfinite(vg(x, wrapped)[0][1])
 
 
-BUG_3 = pytest.mark.xfail(
-    strict=True,
-    reason="BUG 3: nll_loss gives a counted out-of-range label a NaN loss but a zero gradient",
-)
-
-
 @pytest.mark.parametrize("bad", [-1, 5])
-@pytest.mark.parametrize(
-    "fn", [f if f == "cross_entropy" else pytest.param(f, marks=BUG_3) for f in LOSSES]
-)
+@pytest.mark.parametrize("fn", LOSSES)
 def test_out_of_range_label_under_jit_gradient_row_is_nan(fn, bad):
     x, _, labels = _bad_label_case(bad)
     _, grad = jax.jit(lambda v, y: loss_and_grad_traced(
@@ -958,11 +943,13 @@ def test_out_of_range_label_under_jit_gradient_row_is_nan(fn, bad):
 
 MEM_SHAPES = [(512, 8192), (1024, 32768)]
 # Measured with jax 0.10.2 on XLA:CPU, in bytes per logit (temp_size / (N * V)):
-#   float32:  jaxlse 4.0010 (512, 8192) and 4.0002 (1024, 32768); optax 0.0034 and 0.0009
-#   bfloat16: jaxlse 8.0003 (512, 8192) and 8.0001 (1024, 32768); optax 8.0012 and 8.0003
-# The regression bounds sit slightly above; the issue's targets are below 0.2 (float32) and
-# 2.0 (bfloat16, one (N, V) bfloat16 array), which neither library meets for bfloat16.
-MEM_BOUND_PER_LOGIT = {F32: 4.05, BF16: 8.1}
+#   float32:  jaxlse 0.0025 (512, 8192) and 0.0006 (1024, 32768); optax 0.0034 and 0.0009
+#   bfloat16: jaxlse 8.0011 (512, 8192) and 8.0003 (1024, 32768); optax 8.0012 and 8.0003
+# float32 meets the issue's target (asserted below). For bfloat16 XLA:CPU materialises the
+# float32 conversion of the logits that its fast reduction kernels read, as it does for optax;
+# the issue's bfloat16 target (under 2.0 bytes per logit) is not met and only a regression
+# bound is asserted.
+MEM_BOUND_PER_LOGIT = {F32: 0.05, BF16: 8.1}
 
 
 def _temp_bytes_per_logit(shape: tuple[int, int], dtype, which: str) -> float:
@@ -977,11 +964,6 @@ def _temp_bytes_per_logit(shape: tuple[int, int], dtype, which: str) -> float:
     return temp / (shape[0] * shape[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG 2: value_and_grad keeps one (N, V) float32 temporary on XLA:CPU "
-    "(4.0 bytes per logit; optax 0.003)",
-)
 @pytest.mark.parametrize("shape", MEM_SHAPES, ids=str)
 def test_memory_value_and_grad_float32_target(shape):
     """The issue's target: nothing of size (N, V) beyond the gradient, < 5% of one array."""
@@ -1227,7 +1209,7 @@ def test_dtype_policy_float64(x64):
 
 
 # --------------------------------------------------------------------------------------------
-# Labels of every integer dtype (BUG 1)
+# Labels of every integer dtype
 
 LABEL_DTYPES = [np.int8, np.uint8, np.int16, np.uint32, np.int64]
 
@@ -1244,12 +1226,6 @@ def test_labels_of_any_integer_dtype(label_dtype):
                                 loss_and_grad(jaxlse.nll_loss, x, ref))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=jax.dtypes.TypePromotionError,
-    reason="BUG 1: cross_entropy's JVP rule compares jnp.arange(num_classes) with labels of "
-    "another integer dtype (strict dtype promotion)",
-)
 @pytest.mark.parametrize("label_dtype", ["int8", "uint8", "int16", "uint32", "int32_x64"])
 def test_grad_labels_of_any_integer_dtype(request, label_dtype):
     if label_dtype == "int32_x64":
@@ -1258,4 +1234,5 @@ def test_grad_labels_of_any_integer_dtype(request, label_dtype):
     x = np.asarray(WORKED_LOGITS, jax.dtypes.canonicalize_dtype(float))
     labels = np.asarray(WORKED_LABELS, label_dtype)
     loss, grad = loss_and_grad(jaxlse.cross_entropy, x, labels)
-    np.testing.assert_allclose(grad, ref_grad_sum(x, labels) / 4, rtol=1e-6)
+    # atol: the label entry is p - 1 with p near 1, which float32 cannot hold to rtol 1e-6
+    np.testing.assert_allclose(grad, ref_grad_sum(x, labels) / 4, rtol=1e-6, atol=1e-7)
