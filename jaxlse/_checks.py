@@ -38,6 +38,11 @@ def as_float_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
     Raises:
       TypeError: if ``x`` is not numeric, or is complex.
     """
+    if not isinstance(x, jax.Array) and np.asarray(x).dtype.kind in "OSUV":
+        raise TypeError(
+            f"{fn}: `{name}` must be a numeric array, got {type(x).__name__} of dtype "
+            f"{np.asarray(x).dtype}"
+        )
     try:
         arr = jnp.asarray(x)
     except (TypeError, ValueError) as err:
@@ -79,6 +84,8 @@ def normalize_axes(fn: str, axis: Axis, ndim: int) -> tuple[int, ...]:
             raise TypeError(
                 f"{fn}: `axis` must be an int, a sequence of ints or None, got {axis!r}"
             ) from None
+        if ndim == 0:
+            raise ValueError(f"{fn}: `axis` {a} is out of range for an input of rank 0 (no axes)")
         if not -ndim <= a < ndim:
             raise ValueError(
                 f"{fn}: `axis` {a} is out of range for an input of rank {ndim} "

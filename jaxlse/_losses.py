@@ -7,8 +7,8 @@ For one example with logits :math:`x` over :math:`C` classes, the loss is writte
   \operatorname{logsumexp}(x)^2,
 
 where :math:`B_c \ge 0` is the weighted (and smoothed) target. With :math:`m = \max_c x_c`,
-:math:`z_c = x_c - m` and :math:`L = \operatorname{logsumexp}(x) - m =
-\operatorname{log1p}(t + c - 1)` (see :mod:`jaxlse._lse`), every term
+:math:`z_c = x_c - m` and :math:`L = \operatorname{logsumexp}(x) - m` (computed as in
+:mod:`jaxlse._lse`, with ``log1p`` of the non-maximal terms when one entry dominates), every term
 :math:`\operatorname{logsumexp}(x) - x_c = L - z_c` is a sum of two non-negative numbers, so the
 loss keeps its relative accuracy at every magnitude: no large :math:`\operatorname{logsumexp}`
 is subtracted from a large logit, and the tiny loss of a confident correct prediction is
