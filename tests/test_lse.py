@@ -933,7 +933,9 @@ def _bad_option_cases():
             yield pytest.param(name, *case[1:], id=f"{name}-{case[0]}")
 
 
-@pytest.mark.parametrize(("name", "kwargs", "exc", "arg", "what"), _bad_option_cases())
+@pytest.mark.parametrize(
+    ("name", "kwargs", "exc", "arg", "what"), list(_bad_option_cases())
+)
 def test_bad_options(name, kwargs, exc, arg, what):
     pattern = rf"^{name}: `{arg}`.*{what}"
     with pytest.raises(exc, match=pattern):
