@@ -259,7 +259,11 @@ def nll_loss(
         wy = jnp.ones_like(picked) if w is None else w[idx]
         # A product with NaN, not a select, so that a bad label's gradient is NaN too.
         bad = counted & jnp.logical_not(valid)
-        loss = -wy * picked * jnp.where(bad, jnp.nan, 1.0).astype(out_dtype)
+        loss = -wy * picked
+        # A counted bad label gives NaN for the loss and for its whole gradient row: the sum of
+        # the row, times NaN, only there (the inner select keeps NaN out of the other rows).
+        row = jnp.sum(jnp.where(bad[..., None], lp.astype(out_dtype), 0.0), axis=-1)
+        loss = loss + jnp.where(bad, jnp.nan * row, 0.0)
         denom = jnp.where(counted, wy, 0.0)
     loss = jnp.where(counted, loss, 0.0)
     return _reduce_loss(loss, denom, reduction).astype(out_dtype)
