@@ -38,11 +38,12 @@ def as_float_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
     Raises:
       TypeError: if ``x`` is not numeric, or is complex.
     """
-    if not isinstance(x, jax.Array) and np.asarray(x).dtype.kind in "OSUV":
-        raise TypeError(
-            f"{fn}: `{name}` must be a numeric array, got {type(x).__name__} of dtype "
-            f"{np.asarray(x).dtype}"
-        )
+    if not isinstance(x, jax.Array):
+        kind = np.asarray(x).dtype
+        if kind.kind in "OSUV":
+            raise TypeError(
+                f"{fn}: `{name}` must be a numeric array, got {type(x).__name__} of dtype {kind}"
+            )
     try:
         arr = jnp.asarray(x)
     except (TypeError, ValueError) as err:

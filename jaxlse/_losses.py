@@ -186,6 +186,25 @@ def _reduce_loss(
 # nll_loss
 
 
+@jax.custom_jvp
+def _pick(lp: jax.Array, idx: jax.Array, bad: jax.Array) -> jax.Array:
+    """``lp[..., idx]`` (classes last), NaN where ``bad``; a gather, one value per row."""
+    picked = jnp.take_along_axis(lp, idx[..., None], axis=-1)[..., 0]
+    return jnp.where(bad, jnp.nan, picked)
+
+
+@_pick.defjvp
+def _pick_jvp(primals, tangents):
+    lp, idx, bad = primals
+    lp_dot = tangents[0]
+    # The gathered tangent, plus NaN times the whole row of a bad label, so that its gradient
+    # row is NaN. Only the tangent touches the row: the forward pass stays a gather. The inner
+    # select keeps the NaN factor out of the other rows (also when transposed).
+    row = jnp.sum(jnp.where(bad[..., None], lp_dot, 0.0), axis=-1)
+    out_dot = jnp.take_along_axis(lp_dot, idx[..., None], axis=-1)[..., 0]
+    return _pick(lp, idx, bad), out_dot + jnp.where(bad, jnp.nan * row, 0.0)
+
+
 def nll_loss(
     log_probs: ArrayLike,
     labels: ArrayLike,
@@ -255,15 +274,9 @@ def nll_loss(
     else:
         valid = (lab >= 0) & (lab < num_classes)
         idx = jnp.where(valid, lab, 0)
-        picked = jnp.take_along_axis(lp, idx[..., None], axis=-1)[..., 0].astype(out_dtype)
+        picked = _pick(lp, idx, counted & jnp.logical_not(valid)).astype(out_dtype)
         wy = jnp.ones_like(picked) if w is None else w[idx]
-        # A product with NaN, not a select, so that a bad label's gradient is NaN too.
-        bad = counted & jnp.logical_not(valid)
         loss = -wy * picked
-        # A counted bad label gives NaN for the loss and for its whole gradient row: the sum of
-        # the row, times NaN, only there (the inner select keeps NaN out of the other rows).
-        row = jnp.sum(jnp.where(bad[..., None], lp.astype(out_dtype), 0.0), axis=-1)
-        loss = loss + jnp.where(bad, jnp.nan * row, 0.0)
         denom = jnp.where(counted, wy, 0.0)
     loss = jnp.where(counted, loss, 0.0)
     return _reduce_loss(loss, denom, reduction).astype(out_dtype)

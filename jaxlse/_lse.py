@@ -197,9 +197,8 @@ def _row_log_sum(
     shares nothing with the first: XLA:CPU materialises (N, V) intermediates that two reductions
     share. ``L`` is 0 for a row with no entry. Its derivative is that of ``log(S)``.
     """
-    m = _masked_max(axes, x, mask)
+    m, total = _sum_exp(axes, x, mask)
     args = (x, m) if mask is None else (x, m, mask)
-    total = _reduce("sum", lambda *a: jnp.exp(_z(*a)), axes, *args)
     tiny = jnp.finfo(total.dtype).tiny
     base = jnp.log(jnp.maximum(total, tiny))
 
@@ -227,6 +226,16 @@ def _jit_core(core: Callable[..., jax.Array], static: int = 1) -> Callable[..., 
     it is inlined.
     """
     return jax.jit(core, static_argnums=tuple(range(static)))
+
+
+def _normalize(
+    fn: str, core: Callable[..., jax.Array], x: ArrayLike, axis: Axis, where: ArrayLike | None
+) -> jax.Array:
+    """The shared body of log_softmax and softmax: checks, the jitted core, the output dtype."""
+    arr = as_float_array(fn, "x", x)
+    mask = as_mask(fn, where, arr.shape)
+    axes = normalize_axes(fn, axis, arr.ndim)
+    return _jit_core(core)(axes, arr, mask).astype(arr.dtype)
 
 
 def _masked(v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -407,9 +416,9 @@ def _log_softmax_jvp(axes, primals, tangents):
     x, mask = primals
     x_dot, _ = tangents
     out = _log_softmax_core(axes, x, mask)
-    # y = softmax(x) is recomputed from x by the softmax core, whose own rule makes higher
-    # derivatives exact. Excluded entries are constant (-inf) and get a zero tangent. So does a
-    # row with no entry above -inf (its max statistic is -big): its output is constant -inf.
+    # y = softmax(x) = exp(out), elementwise from the output, whose own tangent (this rule) makes
+    # higher derivatives exact. Excluded entries are constant (-inf) and get a zero tangent. So
+    # does a row with no entry above -inf (its max statistic is -big): its output is constant.
     y = jnp.exp(out)
     x_dot = _masked(x_dot.astype(out.dtype), mask)
     out_dot = x_dot - jnp.sum(y * x_dot, axis=axes, keepdims=True)
@@ -459,11 +468,7 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
     See also:
       :func:`jax.nn.log_softmax`, :func:`torch.nn.functional.log_softmax`, :func:`softmax`.
     """
-    fn = "log_softmax"
-    arr = as_float_array(fn, "x", x)
-    mask = as_mask(fn, where, arr.shape)
-    axes = normalize_axes(fn, axis, arr.ndim)
-    return _jit_core(_log_softmax_core)(axes, arr, mask).astype(arr.dtype)
+    return _normalize("log_softmax", _log_softmax_core, x, axis, where)
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,8 +536,4 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
     See also:
       :func:`jax.nn.softmax`, :func:`torch.nn.functional.softmax`, :func:`log_softmax`.
     """
-    fn = "softmax"
-    arr = as_float_array(fn, "x", x)
-    mask = as_mask(fn, where, arr.shape)
-    axes = normalize_axes(fn, axis, arr.ndim)
-    return _jit_core(_softmax_core)(axes, arr, mask).astype(arr.dtype)
+    return _normalize("softmax", _softmax_core, x, axis, where)

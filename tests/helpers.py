@@ -13,6 +13,7 @@ Public names (imported by other test modules, keep them stable):
 * ``ulp(v, dtype) -> np.ndarray``: the spacing of ``dtype`` at ``|v|`` rounded to ``dtype``
 * ``ulp_error(actual, expected, scale=None) -> np.ndarray``: ``|actual - expected|`` in ulps of
   ``actual``'s dtype at ``scale`` (default ``expected``)
+* ``DISTRIBUTIONS``: the accuracy targets' input distributions, ``name -> f(rng, shape)``
 
 ``axis`` is an int, a tuple of ints or None (every axis), as in ``jnp.sum``. Rows are treated with
 the same conventions as jaxlse: a row with no included entry (or only ``-inf``) has
@@ -22,6 +23,7 @@ its ``+inf`` entries, and a row holding NaN is NaN.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -173,3 +175,22 @@ def ulp_error(actual: Any, expected: Any, scale: Any = None) -> np.ndarray:
                                   dtype)
     same = (a == e) | (np.isnan(a) & np.isnan(e))
     return np.where(same, 0.0, np.where(np.isfinite(err), err, np.inf))
+
+
+def _dominant(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal with one entry of each row 30 above the rest."""
+    x = rng.standard_normal(shape)
+    np.put_along_axis(x, rng.integers(0, shape[-1], shape[:-1] + (1,)), 30.0, axis=-1)
+    return x
+
+
+# The input distributions of the accuracy targets (float64; cast by the caller).
+DISTRIBUTIONS: dict[str, Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]] = {
+    "normal": lambda rng, shape: rng.standard_normal(shape),
+    "normal_x10": lambda rng, shape: 10 * rng.standard_normal(shape),
+    "normal_x100": lambda rng, shape: 100 * rng.standard_normal(shape),
+    "uniform_1e4": lambda rng, shape: rng.uniform(-1e4, 1e4, shape),
+    "normal_plus_1e4": lambda rng, shape: rng.standard_normal(shape) + 1e4,
+    "nearly_constant": lambda rng, shape: 1 + 1e-6 * rng.standard_normal(shape),
+    "dominant_30": _dominant,
+}

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import DISTRIBUTIONS as SHARED_DISTRIBUTIONS
 from helpers import ref_log_softmax, ref_logsumexp, ref_softmax, ulp, ulp_error
 from jax import lax
 from jax.test_util import check_grads
@@ -555,22 +556,12 @@ def test_forward_pass_uses_the_custom_rule(soft):
 # 5. Accuracy in ulps
 
 
-def _dominant(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Standard normal with one logit 30 above the rest of its row (label on it or not)."""
-    x = rng.standard_normal(shape)
-    np.put_along_axis(x, rng.integers(0, shape[-1], shape[:-1] + (1,)), 30.0, axis=-1)
-    return x
-
-
+# The shared distributions, with the dominant one twice: the label on the dominant logit (a tiny
+# loss) and elsewhere.
 DISTRIBUTIONS: dict[str, Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]] = {
-    "normal": lambda rng, shape: rng.standard_normal(shape),
-    "normal_x10": lambda rng, shape: 10 * rng.standard_normal(shape),
-    "normal_x100": lambda rng, shape: 100 * rng.standard_normal(shape),
-    "uniform_1e4": lambda rng, shape: rng.uniform(-1e4, 1e4, shape),
-    "normal_plus_1e4": lambda rng, shape: rng.standard_normal(shape) + 1e4,
-    "nearly_constant": lambda rng, shape: 1 + 1e-6 * rng.standard_normal(shape),
-    "dominant_label_on_it": _dominant,
-    "dominant_label_elsewhere": _dominant,
+    **{k: v for k, v in SHARED_DISTRIBUTIONS.items() if k != "dominant_30"},
+    "dominant_label_on_it": SHARED_DISTRIBUTIONS["dominant_30"],
+    "dominant_label_elsewhere": SHARED_DISTRIBUTIONS["dominant_30"],
 }
 ROWS = {1000: 16, 32768: 4}
 
