@@ -162,16 +162,22 @@ def _z(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     return z if mask is None else jnp.where(mask, z, -jnp.inf)
 
 
-def _p(x: jax.Array, m: jax.Array, log_sum: jax.Array) -> jax.Array:
+def _p(
+    x: jax.Array, m: jax.Array, log_sum: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
     """``softmax = exp(z - L)`` for a rule's backward pass, from ``x`` and per-row statistics.
 
-    The optimization barrier keeps XLA from sharing (N, V) intermediates (``z``, broadcasts of
-    the row statistics) between the forward kernels and this backward one: XLA:CPU materialises
-    any such shared intermediate, which costs a full (N, V) temporary. It changes no value and
-    is differentiable, so higher derivatives stay exact.
+    The optimization barrier keeps XLA from sharing (N, V) intermediates (``z``, a float32 copy
+    of 16-bit ``x``, broadcasts of the row statistics) between the forward kernels and this
+    backward one: XLA:CPU materialises any such shared intermediate, which costs a full (N, V)
+    temporary. It changes no value and is differentiable, so higher derivatives stay exact.
+    Excluded entries give 0 whatever they hold.
     """
-    x, m, log_sum = lax.optimization_barrier((x, m, log_sum))
-    return jnp.exp(_z(x, m) - log_sum)
+    if mask is None:
+        x, m, log_sum = lax.optimization_barrier((x, m, log_sum))
+    else:
+        x, m, log_sum, mask = lax.optimization_barrier((x, m, log_sum, mask))
+    return jnp.exp(_z(x, m, mask) - log_sum)
 
 
 def _sum_exp(
@@ -397,33 +403,74 @@ def logsumexp(
 # log_softmax
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _log_softmax_core(
-    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
+def _log_softmax_from(
+    x: jax.Array, m: jax.Array, log_sum: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
-    m, log_sum = _row_log_sum(axes, x, mask)
-    # In a row holding +inf, z is 0 at the +inf entries and about -big elsewhere; scaling by
-    # 1 + big sends the latter to -inf. d is 1 for such rows and 0 otherwise. A row with no
-    # entry has z = -inf and L = 0.
+    """``z - L`` from the row statistics of :func:`_row_log_sum`.
+
+    In a row holding +inf, z is 0 at the +inf entries and about -big elsewhere; scaling by
+    1 + big sends the latter to -inf. d is 1 for such rows and 0 otherwise. A row with no entry
+    has z = -inf and L = 0.
+    """
     z = _z(x, m, mask)
     big = jnp.finfo(z.dtype).max
     d = jnp.maximum(1 - jnp.exp(big - jnp.broadcast_to(m.astype(z.dtype), z.shape)), 0.0)
     return z * (1 + d * big) - log_sum
 
 
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _log_softmax_core(
+    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+    m, log_sum = _row_log_sum(axes, x, mask)
+    return _log_softmax_from(x, m, log_sum, mask)
+
+
 @_log_softmax_core.defjvp
 def _log_softmax_jvp(axes, primals, tangents):
     x, mask = primals
     x_dot, _ = tangents
-    out = _log_softmax_core(axes, x, mask)
-    # y = softmax(x) = exp(out), elementwise from the output, whose own tangent (this rule) makes
-    # higher derivatives exact. Excluded entries are constant (-inf) and get a zero tangent. So
+    # Keeps nothing of size (N, V) for the backward pass. The rule is written with per-row
+    # statistics and selects (not the forward kernel's arithmetic form): the statistics read x
+    # through one optimization barrier and the backward kernel through another, so XLA shares
+    # no (N, V) intermediate between the sums, the output and the backward pass (a shared one
+    # would be materialised). y = softmax(x) = exp(x - c), c = m + L, is rebuilt from x and the
+    # row statistics; L is differentiable (m is held constant), so higher derivatives stay
+    # exact. Excluded entries get a zero tangent (y is 0 there and x_dot is masked), and so
     # does a row with no entry above -inf (its max statistic is -big): its output is constant.
-    y = jnp.exp(out)
-    x_dot = _masked(x_dot.astype(out.dtype), mask)
-    out_dot = x_dot - jnp.sum(y * x_dot, axis=axes, keepdims=True)
-    live = (_masked_max(axes, x, mask) > -jnp.finfo(x.dtype).max).astype(out.dtype)
-    return out, (_masked(out_dot, mask) * live).astype(out.dtype)
+    if mask is None:
+        m, log_sum = _row_log_sum(axes, lax.optimization_barrier(x), None)
+    else:
+        m, log_sum = _row_log_sum(axes, *lax.optimization_barrier((x, mask)))
+    cd = log_sum.dtype
+    m = m.astype(cd)
+    big = jnp.finfo(cd).max
+    # Per-row statistics: the clipped max, d = 1 for a row holding +inf (0 otherwise), and
+    # live = 1 for a row with an entry above -inf.
+    # Constants (stop_gradient), so that higher derivatives never form -inf * 0 from them.
+    mc = lax.stop_gradient(jnp.minimum(m, big))
+    d = lax.stop_gradient((m == jnp.inf).astype(cd))
+    live = lax.stop_gradient((m > -big).astype(cd))
+
+    def log_p(v: jax.Array, mc: jax.Array, d: jax.Array, log_sum: jax.Array) -> jax.Array:
+        # Arithmetic only (as in _log_softmax_from, with per-row d), so XLA:CPU fuses it into
+        # the kernel of the caller's reduction. In a +inf row, z is 0 at the +inf entries and
+        # about -big elsewhere, which the factor 1 + d * big sends to -inf.
+        return (jnp.minimum(v.astype(cd), big) - mc) * (1 + d * big) - log_sum
+
+    out = log_p(x, mc, d, log_sum)
+    xb, mcb, db, lb = lax.optimization_barrier((x, mc, d, log_sum))
+    # The barrier's JVP instantiates zero tangents; constants again, so -inf * 0 never appears.
+    mcb, db = lax.stop_gradient(mcb), lax.stop_gradient(db)
+    y = jnp.exp(log_p(xb, mcb, db, lb))
+    if mask is not None:
+        out = jnp.where(mask, out, -jnp.inf)
+        y = jnp.where(mask, y, 0.0)
+    x_dot = _masked(x_dot.astype(cd), mask)
+    # live scales x_dot, not the (N, V) tangent: a select on the tangent would become a masked
+    # copy of the cotangent, read twice by the backward pass and so materialised.
+    out_dot = live * x_dot - jnp.sum(y * x_dot, axis=axes, keepdims=True)
+    return out.astype(cd), _masked(out_dot, mask)
 
 
 def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:

@@ -841,18 +841,32 @@ def _mem_args():
     return jnp.zeros((MEM_N, MEM_V), F32), jnp.zeros((MEM_N, MEM_V), F32)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jaxlse on XLA:CPU (jax 0.10.2): value_and_grad of a log_softmax loss at (512, 4096) "
-    "float32 keeps one (N, V) float32 temporary (1.0 array, as jax.nn): XLA materialises the "
-    "forward output that the loss kernel and the backward kernel both read.",
-)
-def test_memory_log_softmax_value_and_grad():
-    """The gradient of a log_softmax loss keeps no (N, V) temporary: well under one array."""
+LOG_SOFTMAX_LOSSES = {
+    "sum(out * t)": lambda v, tt: jnp.sum(jaxlse.log_softmax(v) * tt),
+    "sum(out)": lambda v, tt: jnp.sum(jaxlse.log_softmax(v)),
+    "mean(sum(out * t, -1))": lambda v, tt: jnp.mean(jnp.sum(jaxlse.log_softmax(v) * tt, -1)),
+    "-mean(out[:, 3])": lambda v, tt: -jnp.mean(jaxlse.log_softmax(v)[:, 3]),
+}
+
+
+@pytest.mark.parametrize("loss", list(LOG_SOFTMAX_LOSSES))
+def test_memory_log_softmax_value_and_grad(loss):
+    """The gradient of a log_softmax loss keeps no (N, V) temporary: well under one array.
+
+    Measured at (512, 4096) float32: at most 0.002 arrays (jax.nn: 1.0). The rule rebuilds the
+    softmax from x and per-row statistics instead of keeping the output.
+    """
     x, t = _mem_args()
-    f = jax.value_and_grad(lambda v, tt: jnp.sum(jaxlse.log_softmax(v) * tt))
+    f = jax.value_and_grad(LOG_SOFTMAX_LOSSES[loss])
     temp = _temp_bytes(f, x, t)
-    assert temp < 0.5 * ARRAY_BYTES, temp / ARRAY_BYTES
+    assert temp < 0.05 * ARRAY_BYTES, temp / ARRAY_BYTES
+
+
+def test_memory_log_softmax_reference_keeps_output():
+    """The measurement can tell the two apart: jax.nn keeps its whole output (1.0 array)."""
+    x, t = _mem_args()
+    f = jax.value_and_grad(lambda v, tt: jnp.sum(jax.nn.log_softmax(v) * tt))
+    assert _temp_bytes(f, x, t) >= ARRAY_BYTES
 
 
 def test_memory_logsumexp_and_softmax():
