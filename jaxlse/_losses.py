@@ -286,14 +286,16 @@ def nll_loss(
 # cross_entropy
 
 
-def _ce_row(x: jax.Array, cd: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _ce_row(
+    x: jax.Array, cd: jnp.dtype, row_clip: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-example ``(m, L, lse)`` in dtype ``cd``, ``L = lse - m`` (see ``_row_log_sum``).
 
     Classes are last. Shared by the primal and the rule, which XLA computes once. 16-bit ``x``
     is converted inside each reduction rather than once up front: the max is exact in ``x``'s
     own dtype, and a single converted copy read by several kernels would be materialised.
     """
-    m, log_sum = _row_log_sum((x.ndim - 1,), x, None)
+    m, log_sum = _row_log_sum((x.ndim - 1,), x, None, row_clip)
     m = m.astype(cd)
     big = jnp.finfo(cd).max
     lse = jnp.where(m == jnp.inf, jnp.inf, jnp.minimum(m, big) + log_sum)
@@ -301,12 +303,22 @@ def _ce_row(x: jax.Array, cd: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Arra
 
 
 def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:
-    """``sum_c tw_c * (m - x_c)`` over the classes (last axis); ``0 * inf = 0``."""
+    """``sum_c tw_c * (m - x_c)`` over the classes (last axis); ``0 * inf = 0``.
+
+    A scalar ``tw`` (smoothing without class weights) multiplies the plain sum of the
+    non-negative ``m - x_c``; an array ``tw`` needs a select for ``0 * inf``. Either way the
+    sum reads ``x`` and ``m`` through its own optimization barrier, so that XLA shares no (N, V)
+    intermediate (a float32 copy of 16-bit ``x``, a broadcast of ``m``) with the other kernels.
+    """
+    x, m = lax.optimization_barrier((x, m))
+    axes = (x.ndim - 1,)
+    if tw.ndim == 0:
+        return tw * _reduce("sum", lambda v, mm: -_z(v.astype(mm.dtype), mm, row_clip=True), axes, x, m)
 
     def term(v: jax.Array, mm: jax.Array, ww: jax.Array) -> jax.Array:
-        return jnp.where(ww == 0, 0.0, ww * -_z(v.astype(mm.dtype), mm))
+        return jnp.where(ww == 0, 0.0, ww * -_z(v.astype(mm.dtype), mm, row_clip=True))
 
-    return _reduce("sum", term, (x.ndim - 1,), x, m, tw)
+    return _reduce("sum", term, axes, x, m, tw)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -324,8 +336,25 @@ def _ce_core(
 
     ``smoothing`` (static) is False when ``eps`` is known to be 0, which skips a pass.
     """
+    stats = _ce_row(x, eps.dtype)
+    return _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, *stats)
+
+
+def _ce_loss(
+    soft: bool,
+    smoothing: bool,
+    x: jax.Array,
+    labels: jax.Array,
+    weight: jax.Array | None,
+    eps: jax.Array,
+    zeta: jax.Array,
+    counted: jax.Array,
+    m: jax.Array,
+    log_sum: jax.Array,
+    lse: jax.Array,
+) -> jax.Array:
+    """The body of :func:`_ce_core`, from the per-row statistics of :func:`_ce_row`."""
     num_classes, cd = x.shape[-1], eps.dtype
-    m, log_sum, lse = _ce_row(x, cd)
     if soft:
         q = labels * (1 - eps) + eps / num_classes
         tw = q if weight is None else q * _row(weight, q.ndim)
@@ -346,7 +375,7 @@ def _ce_core(
         loss = (1 - eps) * wy * (log_sum - z_y * (1 + d * big))
         if smoothing:
             if weight is None:
-                sw, sw_total = eps / num_classes * jnp.ones((1,) * x.ndim, cd), eps
+                sw, sw_total = eps / num_classes, eps
             else:
                 sw = _row(eps / num_classes * weight, x.ndim)
                 sw_total = jnp.sum(sw)
@@ -364,15 +393,16 @@ def _ce_core(
 def _ce_jvp(soft, smoothing, primals, tangents):
     x, labels, weight, eps, zeta, counted = primals
     x_dot = tangents[0]
-    out = _ce_core(soft, smoothing, x, labels, weight, eps, zeta, counted)
     # d loss / dx = (A + 2 zeta s lse) p - B. p = exp(z - L) is rebuilt from x and the per-row
-    # statistics (the same reductions as the primal, which XLA shares), so nothing of size
-    # (N, V) is kept for the backward pass. m is held constant and L = log(sum exp z) is
-    # differentiable, so higher derivatives stay exact. Rows that do not count get exactly 0
-    # (a select, not a product, so NaN or inf in them cannot leak); a counted row with a bad
-    # label gets NaN.
+    # statistics, so nothing of size (N, V) is kept for the backward pass. The statistics read
+    # x through one optimization barrier and p (in _p) through another, so XLA shares no (N, V)
+    # intermediate between their kernels (for 16-bit logits, a float32 copy of x, which it
+    # would materialise). m is held constant and L = log(sum exp z) is differentiable, so
+    # higher derivatives stay exact. Rows that do not count get exactly 0 (a select, not a
+    # product, so NaN or inf in them cannot leak); a counted row with a bad label gets NaN.
     num_classes, cd = x.shape[-1], eps.dtype
-    m, log_sum, lse = _ce_row(x, cd)
+    m, log_sum, lse = _ce_row(lax.optimization_barrier(x), cd, row_clip=True)
+    out = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
     p = _p(x, m, log_sum)
     if soft:
         q = labels * (1 - eps) + eps / num_classes

@@ -143,7 +143,25 @@ def _masked_max(axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None) -> 
     return _reduce("max", lambda v, w: jnp.where(w, v, -jnp.inf), axes, x, mask)
 
 
-def _z(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+@jax.custom_jvp
+def _clip(x: jax.Array, c: jax.Array) -> jax.Array:
+    """``min(x, c)`` for ``x <= c`` except at ``+inf``, with derivative 1 in ``x`` everywhere.
+
+    ``c`` is a row statistic held constant, and ``x == c`` at a row's max: ``jnp.minimum``
+    splits its derivative there between its operands (0.5 each), which would halve it.
+    """
+    return jnp.minimum(x, c)
+
+
+@_clip.defjvp
+def _clip_jvp(primals, tangents):
+    x, c = primals
+    return _clip(x, c), jnp.broadcast_to(tangents[0], np.broadcast_shapes(x.shape, c.shape))
+
+
+def _z(
+    x: jax.Array, m: jax.Array, mask: jax.Array | None = None, *, row_clip: bool = False
+) -> jax.Array:
     r"""``z = x - m`` for the row statistic ``m`` of :func:`_masked_max`, with ``+inf`` clipped.
 
     For finite rows this is ``x - m`` exactly. In a row whose max is :math:`+\infty` it is 0 at
@@ -151,14 +169,23 @@ def _z(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     ``exp(z)`` is their limit (1 and 0). In a row with no entry it is ``-inf``. Excluded entries
     are ``-inf``. ``m`` is clipped after broadcasting, so that XLA keeps the whole row
     computation in one fused kernel. 16-bit ``x`` (and ``m``, which is exact in ``x``'s dtype)
-    is converted to float32 here, inside each kernel that reads it: a single converted copy read
-    by several kernels would be materialised.
+    is converted to float32 here, inside each kernel that reads it.
+
+    ``row_clip`` (for the rules' kernels) clips ``x`` to the clipped row max instead of to the
+    constant ``big`` (the same value, as ``x <= m`` for every included entry). XLA:CPU turns
+    a constant operand of an (N, V) operation into a full-size broadcast, which it materialises
+    when several kernels of a ``value_and_grad`` read it; the forward kernels are faster with
+    the constant.
     """
     cd = compute_dtype(x.dtype)
     x, m = x.astype(cd), m.astype(cd)
     big = jnp.finfo(cd).max
-    m = jnp.broadcast_to(m, np.broadcast_shapes(x.shape, m.shape))
-    z = jnp.minimum(x, big) - jnp.minimum(m, big)
+    if row_clip:
+        mc = jnp.broadcast_to(jnp.minimum(m, big), np.broadcast_shapes(x.shape, m.shape))
+        z = _clip(x, mc) - mc
+    else:
+        m = jnp.broadcast_to(m, np.broadcast_shapes(x.shape, m.shape))
+        z = jnp.minimum(x, big) - jnp.minimum(m, big)
     return z if mask is None else jnp.where(mask, z, -jnp.inf)
 
 
@@ -177,21 +204,22 @@ def _p(
         x, m, log_sum = lax.optimization_barrier((x, m, log_sum))
     else:
         x, m, log_sum, mask = lax.optimization_barrier((x, m, log_sum, mask))
-    return jnp.exp(_z(x, m, mask) - log_sum)
+    return jnp.exp(_z(x, m, mask, row_clip=True) - log_sum)
 
 
 def _sum_exp(
-    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
+    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None, row_clip: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """Returns ``(m, S)`` with ``S = sum_j exp(z_j)``, reduced axes kept."""
     m = _masked_max(axes, x, mask)
+    z = partial(_z, row_clip=row_clip)
     if mask is None:
-        return m, _reduce("sum", lambda v, mm: jnp.exp(_z(v, mm)), axes, x, m)
-    return m, _reduce("sum", lambda v, mm, w: jnp.exp(_z(v, mm, w)), axes, x, m, mask)
+        return m, _reduce("sum", lambda v, mm: jnp.exp(z(v, mm)), axes, x, m)
+    return m, _reduce("sum", lambda v, mm, w: jnp.exp(z(v, mm, w)), axes, x, m, mask)
 
 
 def _row_log_sum(
-    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
+    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None, row_clip: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     r"""Returns ``(m, L)`` with :math:`L = \log \sum_j e^{z_j}`, reduced axes kept.
 
@@ -203,14 +231,14 @@ def _row_log_sum(
     shares nothing with the first: XLA:CPU materialises (N, V) intermediates that two reductions
     share. ``L`` is 0 for a row with no entry. Its derivative is that of ``log(S)``.
     """
-    m, total = _sum_exp(axes, x, mask)
+    m, total = _sum_exp(axes, x, mask, row_clip)
     args = (x, m) if mask is None else (x, m, mask)
     tiny = jnp.finfo(total.dtype).tiny
     base = jnp.log(jnp.maximum(total, tiny))
 
     def exact(args: tuple[jax.Array, ...], total: jax.Array, base: jax.Array) -> jax.Array:
         def below(*a: jax.Array) -> jax.Array:
-            z = _z(*a)
+            z = _z(*a, row_clip=row_clip)
             # 1 where z < 0, 0 at the max (z = 0): |z| >= tiny whenever z != 0.
             return jnp.exp(z) * jnp.minimum(z * (-1 / tiny), 1.0)
 
@@ -414,6 +442,8 @@ def _log_softmax_from(
     """
     z = _z(x, m, mask)
     big = jnp.finfo(z.dtype).max
+    # Per row (m is constant): the output kernel reads L from the accuracy pass anyway, so
+    # a per-row operand costs no fusion, and the factor costs no exp per entry.
     d = jnp.maximum(1 - jnp.exp(big - jnp.broadcast_to(m.astype(z.dtype), z.shape)), 0.0)
     return z * (1 + d * big) - log_sum
 
@@ -439,9 +469,9 @@ def _log_softmax_jvp(axes, primals, tangents):
     # exact. Excluded entries get a zero tangent (y is 0 there and x_dot is masked), and so
     # does a row with no entry above -inf (its max statistic is -big): its output is constant.
     if mask is None:
-        m, log_sum = _row_log_sum(axes, lax.optimization_barrier(x), None)
+        m, log_sum = _row_log_sum(axes, lax.optimization_barrier(x), None, row_clip=True)
     else:
-        m, log_sum = _row_log_sum(axes, *lax.optimization_barrier((x, mask)))
+        m, log_sum = _row_log_sum(axes, *lax.optimization_barrier((x, mask)), row_clip=True)
     cd = log_sum.dtype
     m = m.astype(cd)
     big = jnp.finfo(cd).max
@@ -456,7 +486,7 @@ def _log_softmax_jvp(axes, primals, tangents):
         # Arithmetic only (as in _log_softmax_from, with per-row d), so XLA:CPU fuses it into
         # the kernel of the caller's reduction. In a +inf row, z is 0 at the +inf entries and
         # about -big elsewhere, which the factor 1 + d * big sends to -inf.
-        return (jnp.minimum(v.astype(cd), big) - mc) * (1 + d * big) - log_sum
+        return (_clip(v.astype(cd), mc) - mc) * (1 + d * big) - log_sum
 
     out = log_p(x, mc, d, log_sum)
     xb, mcb, db, lb = lax.optimization_barrier((x, mc, d, log_sum))
