@@ -30,7 +30,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from ._checks import as_float_array, compute_dtype
-from ._lse import _jit_core, _p, _reduce, _row_log_sum, _z
+from ._lse import _jit_core, _p, _patch_tiny, _reduce, _row_log_sum, _z
 
 Reduction = Literal["none", "sum", "mean"]
 _REDUCTIONS = ("none", "sum", "mean")
@@ -287,19 +287,43 @@ def nll_loss(
 
 
 def _ce_row(
-    x: jax.Array, cd: jnp.dtype, row_clip: bool = False
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x: jax.Array,
+    cd: jnp.dtype,
+    row_clip: bool = False,
+    x_y: jax.Array | None = None,
+    with_tiny: bool = False,
+) -> tuple[jax.Array, ...]:
     """Per-example ``(m, L, lse)`` in dtype ``cd``, ``L = lse - m`` (see ``_row_log_sum``).
 
-    Classes are last. Shared by the primal and the rule, which XLA computes once. 16-bit ``x``
-    is converted inside each reduction rather than once up front: the max is exact in ``x``'s
-    own dtype, and a single converted copy read by several kernels would be materialised.
+    ``with_tiny`` appends the scaled subnormal ``t`` of :func:`_row_log_sum`.
+
+    Classes are last. 16-bit ``x`` is converted inside each reduction rather than once up
+    front: the max is exact in ``x``'s own dtype, and a single converted copy read by several
+    kernels would be materialised. ``x_y`` (the labels' logits, one per row) limits the exact
+    pass for a dominated row to rows whose loss is small: if ``z_y <= -0.5`` the loss is at
+    least 0.5, and the absolute error of ``log(S)`` (a few ulp of 1) is within an ulp of it.
+    With random labels the pass then almost never runs; for confident correct predictions it
+    does.
     """
-    m, log_sum = _row_log_sum((x.ndim - 1,), x, None, row_clip)
+    care = None
+    if x_y is not None:
+        def care(m: jax.Array) -> jax.Array:
+            return _z(x_y, m) > -0.5
+
+    m, log_sum, *t_tiny = _row_log_sum(
+        (x.ndim - 1,), x, None, row_clip, care=care, with_tiny=with_tiny
+    )
     m = m.astype(cd)
     big = jnp.finfo(cd).max
     lse = jnp.where(m == jnp.inf, jnp.inf, jnp.minimum(m, big) + log_sum)
-    return m, log_sum, lse
+    return (m, log_sum, lse, *t_tiny)
+
+
+def _label_logit(x: jax.Array, labels: jax.Array, cd: jnp.dtype) -> jax.Array:
+    """``x[..., y]`` in dtype ``cd`` (classes last, keeps the axis); class 0 for a bad label."""
+    valid = (labels >= 0) & (labels < x.shape[-1])
+    idx = jnp.where(valid, labels, 0)[..., None]
+    return jnp.take_along_axis(x, idx, axis=-1).astype(cd)
 
 
 def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:
@@ -313,7 +337,10 @@ def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:
     x, m = lax.optimization_barrier((x, m))
     axes = (x.ndim - 1,)
     if tw.ndim == 0:
-        return tw * _reduce("sum", lambda v, mm: -_z(v.astype(mm.dtype), mm, row_clip=True), axes, x, m)
+        def neg_z(v: jax.Array, mm: jax.Array) -> jax.Array:
+            return -_z(v.astype(mm.dtype), mm, row_clip=True)
+
+        return tw * _reduce("sum", neg_z, axes, x, m)
 
     def term(v: jax.Array, mm: jax.Array, ww: jax.Array) -> jax.Array:
         return jnp.where(ww == 0, 0.0, ww * -_z(v.astype(mm.dtype), mm, row_clip=True))
@@ -336,8 +363,20 @@ def _ce_core(
 
     ``smoothing`` (static) is False when ``eps`` is known to be 0, which skips a pass.
     """
-    stats = _ce_row(x, eps.dtype)
-    return _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, *stats)
+    cd = eps.dtype
+    if soft:
+        stats = _ce_row(x, cd)
+        return _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, *stats)
+    x_y = _label_logit(x, labels, cd)
+    m, log_sum, lse, t_tiny = _ce_row(x, cd, x_y=x_y, with_tiny=True)
+    loss = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
+    # A confident correct prediction whose loss w_y * t is subnormal (flushed to 0): assembled
+    # exactly from the scaled t (see _tiny_bits). Only where the loss came out 0, i.e. without
+    # smoothing (whose term is far larger).
+    wy = 1.0 if weight is None else weight[jnp.where((labels >= 0) & (labels < x.shape[-1]),
+                                                     labels, 0)]
+    at = (loss == 0) & counted & (_z(x_y, m)[..., 0] == 0)
+    return -_patch_tiny(-loss, at, t_tiny[..., 0], (1 - eps) * wy)
 
 
 def _ce_loss(
@@ -367,7 +406,7 @@ def _ce_loss(
         # Scalars, not arrays of ones, when there is no weight: XLA:CPU slows down a lot when a
         # constant array is shared between kernels.
         wy = jnp.asarray(1, cd) if weight is None else weight[idx]
-        z_y = _z(jnp.take_along_axis(x, idx, axis=-1).astype(cd), m)
+        z_y = _z(_label_logit(x, labels, cd), m)
         # -log p_y = L - z_y: both terms >= 0. In a row holding +inf, z_y is 0 at a +inf label
         # and <= -2e31 elsewhere; scaling the latter by 1 + big makes the loss +inf, its limit.
         big = jnp.finfo(cd).max
@@ -401,7 +440,8 @@ def _ce_jvp(soft, smoothing, primals, tangents):
     # higher derivatives stay exact. Rows that do not count get exactly 0 (a select, not a
     # product, so NaN or inf in them cannot leak); a counted row with a bad label gets NaN.
     num_classes, cd = x.shape[-1], eps.dtype
-    m, log_sum, lse = _ce_row(lax.optimization_barrier(x), cd, row_clip=True)
+    x_y = None if soft else _label_logit(x, labels, cd)
+    m, log_sum, lse = _ce_row(lax.optimization_barrier(x), cd, row_clip=True, x_y=x_y)
     out = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
     p = _p(x, m, log_sum)
     if soft:

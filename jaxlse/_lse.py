@@ -218,37 +218,129 @@ def _sum_exp(
     return m, _reduce("sum", lambda v, mm, w: jnp.exp(z(v, mm, w)), axes, x, m, mask)
 
 
+# A row's non-maximal sum t below float32's smallest normal (about e^-87.3) is summed again with
+# its terms scaled by 2**_TINY_EXP, so that they are not flushed to zero (XLA:CPU flushes
+# subnormal results) and a dominant entry's log-probability of -1e-40 can be returned exactly.
+_TINY_EXP = 92
+
+
+def _below(*a: jax.Array, row_clip: bool = False, scaled: bool = False) -> jax.Array:
+    r"""``e^{z_j}`` for the entries below the row max, 0 at the max entries.
+
+    ``scaled``: :math:`e^{z_j} 2^{92}` as ``exp(z_j + c) * r`` with ``c`` = float32(92 log 2)
+    and :math:`r = 2^{92} e^{-c}` (1 + 2e-6, rounded once), for rows whose every term has
+    :math:`z_j < -87`: there ``z_j + c`` is exact (both are multiples of ``z_j``'s spacing,
+    and the sum is smaller in magnitude).
+    """
+    z = _z(*a, row_clip=row_clip)
+    tiny = jnp.finfo(z.dtype).tiny
+    if scaled:
+        shift = np.asarray(_TINY_EXP * np.log(2.0), z.dtype)
+        ratio = np.asarray(np.exp(_TINY_EXP * np.log(2.0) - np.float64(shift)), z.dtype)
+        e = jnp.exp(z + shift) * ratio
+    else:
+        e = jnp.exp(z)
+    # 1 where z < 0, 0 at the max (z = 0): |z| >= tiny whenever z != 0.
+    return e * jnp.minimum(z * (-1 / tiny), 1.0)
+
+
 def _row_log_sum(
-    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None, row_clip: bool = False
-) -> tuple[jax.Array, jax.Array]:
+    axes: tuple[int, ...],
+    x: jax.Array,
+    mask: jax.Array | None,
+    row_clip: bool = False,
+    care: Callable[[jax.Array], jax.Array] | None = None,
+    with_tiny: bool = False,
+) -> tuple[jax.Array, ...]:
     r"""Returns ``(m, L)`` with :math:`L = \log \sum_j e^{z_j}`, reduced axes kept.
 
     ``L`` keeps its relative accuracy when one entry dominates: then :math:`S = \sum_j e^{z_j}`
     is :math:`1 + t` with :math:`t` tiny, and ``log(S)`` would return ``t`` rounded to the
     float32 spacing at 1. For rows with :math:`S < 1.5` (where the max is unique, since each
     max entry adds 1), ``L = log1p(t)`` with :math:`t = \sum_{j:\, z_j < 0} e^{z_j}` summed
-    directly. That second pass runs (under ``lax.cond``) only when some row needs it, and it
-    shares nothing with the first: XLA:CPU materialises (N, V) intermediates that two reductions
-    share. ``L`` is 0 for a row with no entry. Its derivative is that of ``log(S)``.
+    directly (scaled, see :func:`_below`). That second pass runs (under ``lax.cond``) only when
+    some row needs it, and it shares nothing with the first: XLA:CPU materialises (N, V)
+    intermediates that two reductions share. ``care(m)``, if given, marks the rows (reduced
+    axes kept) whose ``L`` needs relative accuracy; the others keep ``log(S)``, accurate to a
+    few ulp of 1. ``L`` is 0 for a row with no entry. Its derivative is that of ``log(S)``.
+
+    ``with_tiny`` also returns ``T``: :math:`t \\cdot 2^{92}` for the rows whose ``t`` is below the
+    smallest normal float32 (there ``L = t`` is subnormal, and XLA:CPU flushes it to 0), else 0;
+    :func:`_tiny_bits` turns it into the exact subnormal result.
     """
     m, total = _sum_exp(axes, x, mask, row_clip)
     args = (x, m) if mask is None else (x, m, mask)
     tiny = jnp.finfo(total.dtype).tiny
     base = jnp.log(jnp.maximum(total, tiny))
+    need = total < 1.5
+    if care is not None:
+        need = need & care(m)
 
-    def exact(args: tuple[jax.Array, ...], total: jax.Array, base: jax.Array) -> jax.Array:
-        def below(*a: jax.Array) -> jax.Array:
-            z = _z(*a, row_clip=row_clip)
-            # 1 where z < 0, 0 at the max (z = 0): |z| >= tiny whenever z != 0.
-            return jnp.exp(z) * jnp.minimum(z * (-1 / tiny), 1.0)
+    def exact(
+        args: tuple[jax.Array, ...], need: jax.Array, base: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        t = _reduce("sum", partial(_below, row_clip=row_clip), axes, *args)
+        fixed = jnp.where(need, jnp.log1p(t), base)
+        if not with_tiny:
+            return fixed, jnp.zeros_like(base)
+        # Rows whose t is near or below the smallest normal, where flushed subnormal terms
+        # could matter (each is below tiny; there are fewer than 2**22 of them): sum again,
+        # scaled, in a pass of its own (its own barrier, so that it shares no (N, V)
+        # intermediate with the first), then use that t and, if it is subnormal, its bits.
+        small = need & (t < 2.0**-80)
 
-        t = _reduce("sum", below, axes, *args)
-        return jnp.where(total < 1.5, jnp.log1p(t), base)
+        def rescan(args: tuple[jax.Array, ...], small: jax.Array) -> jax.Array:
+            args = lax.optimization_barrier(args)
+            below = partial(_below, row_clip=row_clip, scaled=True)
+            return jnp.where(small, _reduce("sum", below, axes, *args), 0.0)
 
-    fixed = lax.cond(
-        jnp.any(total < 1.5), exact, lambda args, total, base: base, args, total, base
-    )
-    return m, base + lax.stop_gradient(fixed - base)
+        t_scaled = lax.cond(
+            jnp.any(small), rescan, lambda args, small: jnp.zeros_like(base), args, small
+        )
+        scale = np.asarray(2.0**_TINY_EXP, t.dtype)
+        fixed = jnp.where(small, jnp.log1p(t_scaled / scale), fixed)
+        return fixed, jnp.where(small & (t_scaled < tiny * scale), t_scaled, 0.0)
+
+    def plain(
+        args: tuple[jax.Array, ...], need: jax.Array, base: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        return base, jnp.zeros_like(base)
+
+    fixed, t_tiny = lax.cond(jnp.any(need), exact, plain, args, need, base)
+    log_sum = base + lax.stop_gradient(fixed - base)
+    return (m, log_sum, t_tiny) if with_tiny else (m, log_sum)
+
+
+def _tiny_bits(t_tiny: jax.Array, factor: jax.Array | float, dtype: jnp.dtype) -> jax.Array:
+    r"""``-factor * t`` as an exact subnormal of ``dtype`` (float32 or bfloat16), from integers.
+
+    ``t_tiny`` is :math:`t \\cdot 2^{92}` (see :func:`_row_log_sum`), positive where the result is
+    subnormal and 0 elsewhere. Arithmetic cannot produce subnormals on XLA:CPU (it flushes
+    them), so the result is assembled as a sign bit and an integer significand and bitcast.
+    Where ``t_tiny`` is 0 it is ``-0.0``.
+    """
+    int_t, sign, shift = {
+        jnp.dtype(jnp.float32): (jnp.int32, np.int32(-(2**31)), 149),
+        jnp.dtype(jnp.bfloat16): (jnp.int16, np.int16(-(2**15)), 133),
+    }[jnp.dtype(dtype)]
+    units = float(2.0 ** (shift - _TINY_EXP))  # subnormal units per unit of t_tiny
+    k = jnp.round(t_tiny * factor * np.float32(units)).astype(int_t)
+    return lax.bitcast_convert_type(k | sign, dtype)
+
+
+def _patch_tiny(
+    out: jax.Array, at: jax.Array, t_tiny: jax.Array, factor: jax.Array | float = 1.0
+) -> jax.Array:
+    """``out`` with ``-factor * t`` (subnormal) where ``at`` and ``t_tiny > 0``.
+
+    Only float32 and bfloat16 results need it: a float16 subnormal (about 6e-8 to 6e-5) is a
+    normal float32 and converts exactly; float64 subnormals need a log-probability below
+    -1e-308, which this leaves at 0.
+    """
+    if jnp.dtype(out.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        return out
+    patch = _tiny_bits(t_tiny, factor, out.dtype)
+    return jnp.where(at & (t_tiny > 0), patch, out)
 
 
 @functools.cache
@@ -452,8 +544,12 @@ def _log_softmax_from(
 def _log_softmax_core(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
-    m, log_sum = _row_log_sum(axes, x, mask)
-    return _log_softmax_from(x, m, log_sum, mask)
+    m, log_sum, t_tiny = _row_log_sum(axes, x, mask, with_tiny=True)
+    out = _log_softmax_from(x, m, log_sum, mask).astype(x.dtype)
+    # A dominant entry whose log-probability is subnormal: -t, assembled exactly (see
+    # _tiny_bits). Its z is 0 (it is the row's unique max).
+    at_max = _z(x, m, mask) == 0
+    return _patch_tiny(out, at_max, t_tiny)
 
 
 @_log_softmax_core.defjvp
@@ -488,7 +584,9 @@ def _log_softmax_jvp(axes, primals, tangents):
         # about -big elsewhere, which the factor 1 + d * big sends to -inf.
         return (_clip(v.astype(cd), mc) - mc) * (1 + d * big) - log_sum
 
-    out = log_p(x, mc, d, log_sum)
+    # The output reads the row statistics through a barrier of its own: XLA would otherwise
+    # share a broadcast of mc between the sums' kernel and the caller's loss kernel.
+    out = log_p(x, *lax.optimization_barrier((mc, d, log_sum)))
     xb, mcb, db, lb = lax.optimization_barrier((x, mc, d, log_sum))
     # The barrier's JVP instantiates zero tangents; constants again, so -inf * 0 never appears.
     mcb, db = lax.stop_gradient(mcb), lax.stop_gradient(db)
@@ -500,7 +598,7 @@ def _log_softmax_jvp(axes, primals, tangents):
     # live scales x_dot, not the (N, V) tangent: a select on the tangent would become a masked
     # copy of the cotangent, read twice by the backward pass and so materialised.
     out_dot = live * x_dot - jnp.sum(y * x_dot, axis=axes, keepdims=True)
-    return out.astype(cd), _masked(out_dot, mask)
+    return out.astype(x.dtype), _masked(out_dot, mask).astype(x.dtype)
 
 
 def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:

@@ -601,6 +601,25 @@ def test_accuracy_float32(record_property, dist, n):
     assert err.max() <= ULP_BOUND, err.max()
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_subnormal_loss_of_confident_prediction(dtype, with_weight):
+    """A loss below float32's smallest normal (a label that dominates by 88 to 103) is returned
+    to an ulp of its exact subnormal value, not flushed to 0 (optax returns 0)."""
+    x = np.asarray([[0.0, -88.08, -90.0], [5.0, 5.0 - 95.0, 5.0 - 96.0], [0.0, -93.0, -1.0]],
+                   dtype)
+    labels = np.asarray([0, 0, 0], np.int32)
+    weight = np.asarray([0.5, 1.0, 2.0], F32) if with_weight else None
+    out = jax.jit(lambda v, y: jaxlse.cross_entropy(v, y, weight=weight, reduction="none"))(
+        x, labels)
+    w = 1.0 if weight is None else weight[labels]
+    ref = w * careful_ce_f64(x, labels)
+    assert np.all(ref[:2] < TINY32) and ref[2] > 0.1
+    err = ulp_error(out, ref)
+    assert err.max() <= ULP_BOUND, (out, ref)
+    assert np.all(np.asarray(out)[:2] > 0)
+
+
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("big", ["1e30", "max"])
 def test_two_huge_equal_logits(request, dtype, big):
