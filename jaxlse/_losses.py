@@ -295,7 +295,8 @@ def _ce_row(
 ) -> tuple[jax.Array, ...]:
     """Per-example ``(m, L, lse)`` in dtype ``cd``, ``L = lse - m`` (see ``_row_log_sum``).
 
-    ``with_tiny`` appends the scaled subnormal ``t`` of :func:`_row_log_sum`.
+    ``with_tiny`` (the forward pass) appends the scaled subnormal ``t`` of
+    :func:`_row_log_sum`, whose exact pass may then gather the rows that need it.
 
     Classes are last. 16-bit ``x`` is converted inside each reduction rather than once up
     front: the max is exact in ``x``'s own dtype, and a single converted copy read by several
@@ -311,7 +312,7 @@ def _ce_row(
             return _z(x_y, m) > -0.5
 
     m, log_sum, *t_tiny = _row_log_sum(
-        (x.ndim - 1,), x, None, row_clip, care=care, with_tiny=with_tiny
+        (x.ndim - 1,), x, None, row_clip, care=care, with_tiny=with_tiny, gather=with_tiny
     )
     m = m.astype(cd)
     big = jnp.finfo(cd).max

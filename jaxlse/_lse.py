@@ -160,7 +160,12 @@ def _clip_jvp(primals, tangents):
 
 
 def _z(
-    x: jax.Array, m: jax.Array, mask: jax.Array | None = None, *, row_clip: bool = False
+    x: jax.Array,
+    m: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    row_clip: bool = False,
+    clip_inf: bool = True,
 ) -> jax.Array:
     r"""``z = x - m`` for the row statistic ``m`` of :func:`_masked_max`, with ``+inf`` clipped.
 
@@ -176,6 +181,9 @@ def _z(
     a constant operand of an (N, V) operation into a full-size broadcast, which it materialises
     when several kernels of a ``value_and_grad`` read it; the forward kernels are faster with
     the constant.
+
+    ``clip_inf=False`` leaves ``+inf`` entries as they are (``z = +inf``), for a caller whose
+    result is ``+inf`` for such a row anyway (logsumexp); one operation less per entry.
     """
     cd = compute_dtype(x.dtype)
     x, m = x.astype(cd), m.astype(cd)
@@ -183,6 +191,8 @@ def _z(
     if row_clip:
         mc = jnp.broadcast_to(jnp.minimum(m, big), np.broadcast_shapes(x.shape, m.shape))
         z = _clip(x, mc) - mc
+    elif not clip_inf:
+        z = x - jnp.minimum(jnp.broadcast_to(m, np.broadcast_shapes(x.shape, m.shape)), big)
     else:
         m = jnp.broadcast_to(m, np.broadcast_shapes(x.shape, m.shape))
         z = jnp.minimum(x, big) - jnp.minimum(m, big)
@@ -208,11 +218,15 @@ def _p(
 
 
 def _sum_exp(
-    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None, row_clip: bool = False
+    axes: tuple[int, ...],
+    x: jax.Array,
+    mask: jax.Array | None,
+    row_clip: bool = False,
+    clip_inf: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Returns ``(m, S)`` with ``S = sum_j exp(z_j)``, reduced axes kept."""
     m = _masked_max(axes, x, mask)
-    z = partial(_z, row_clip=row_clip)
+    z = partial(_z, row_clip=row_clip, clip_inf=clip_inf)
     if mask is None:
         return m, _reduce("sum", lambda v, mm: jnp.exp(z(v, mm)), axes, x, m)
     return m, _reduce("sum", lambda v, mm, w: jnp.exp(z(v, mm, w)), axes, x, m, mask)
@@ -224,24 +238,112 @@ def _sum_exp(
 _TINY_EXP = 92
 
 
-def _below(*a: jax.Array, row_clip: bool = False, scaled: bool = False) -> jax.Array:
-    r"""``e^{z_j}`` for the entries below the row max, 0 at the max entries.
+def _below(
+    x: jax.Array,
+    m: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    row_clip: bool = False,
+    scaled: bool = False,
+) -> jax.Array:
+    r"""``e^{z_j}`` for the entries below the row max, 0 at the max entries; for the exact pass.
+
+    ``z_j = x_j - m`` is rounded when ``x_j < m / 2``, and ``exp`` turns that rounding into a
+    relative error of up to :math:`|z_j| 2^{-24}` (64 ulp at :math:`z_j = -70`), which shows
+    in a dominant entry's tiny log-probability. The rounding error ``r_j`` is recovered exactly
+    (TwoSum) and the term is :math:`e^{\hat z_j}(1 + r_j)`.
 
     ``scaled``: :math:`e^{z_j} 2^{92}` as ``exp(z_j + c) * r`` with ``c`` = float32(92 log 2)
     and :math:`r = 2^{92} e^{-c}` (1 + 2e-6, rounded once), for rows whose every term has
-    :math:`z_j < -87`: there ``z_j + c`` is exact (both are multiples of ``z_j``'s spacing,
-    and the sum is smaller in magnitude).
+    :math:`z_j < -55`: there ``z_j + c`` is exact (both are multiples of the spacing of
+    ``z_j`` and the sum is below 64 in magnitude).
     """
-    z = _z(*a, row_clip=row_clip)
-    tiny = jnp.finfo(z.dtype).tiny
+    z = _z(x, m, mask, row_clip=row_clip)
+    cd = z.dtype
+    big = jnp.finfo(cd).max
+    tiny = jnp.finfo(cd).tiny
+    mc = jnp.minimum(jnp.broadcast_to(m.astype(cd), z.shape), big)
+    # TwoSum of a = x (clamped so that infinite entries give a finite, unused error) and -mc.
+    a = jnp.minimum(jnp.maximum(x.astype(cd), mc - 2.0**100), mc)
+    b = -mc
+    s = a + b
+    bb = s - a
+    err = (a - (s - bb)) + (b - bb)
+    if mask is not None:
+        err = jnp.where(mask, err, 0.0)
     if scaled:
-        shift = np.asarray(_TINY_EXP * np.log(2.0), z.dtype)
-        ratio = np.asarray(np.exp(_TINY_EXP * np.log(2.0) - np.float64(shift)), z.dtype)
+        shift = np.asarray(_TINY_EXP * np.log(2.0), cd)
+        ratio = np.asarray(np.exp(_TINY_EXP * np.log(2.0) - np.float64(shift)), cd)
         e = jnp.exp(z + shift) * ratio
     else:
         e = jnp.exp(z)
     # 1 where z < 0, 0 at the max (z = 0): |z| >= tiny whenever z != 0.
-    return e * jnp.minimum(z * (-1 / tiny), 1.0)
+    return (e + e * err) * jnp.minimum(z * (-1 / tiny), 1.0)
+
+
+def _log1p(t: jax.Array) -> jax.Array:
+    """``log1p`` for per-row values ``t >= 0``, within about 1.5 ulp (XLA:CPU's: 2.5 above 0.1).
+
+    Above 1/8 it is ``log(u) + (t - (u - 1)) / u`` with ``u = 1 + t``: ``u - 1`` is exact, so the
+    second term is the rounding of ``u``, to first order. ``u`` passes through an optimization
+    barrier, or XLA would simplify ``(1 + t) - 1`` to ``t``.
+    """
+    u = lax.optimization_barrier(1 + t)
+    return jnp.where(t < 0.125, jnp.log1p(t), jnp.log(u) + (t - (u - 1)) / u)
+
+
+# Rows whose sum S of shifted exponentials is below this get L = log1p(t + k - 1) from the sum
+# t of their non-maximal terms (k max entries) rather than log(S): float32 summation leaves S a
+# few ulp off, which log(S) turns into up to ~26 ulp of a small L (measured for S in [1.1, 4]).
+# Above it, L >= log(8) = 2.08 and log(S) is within about 2 ulp.
+_EXACT_BELOW = 8.0
+# The exact pass of a forward call reads only the rows that need it when they are at most this
+# fraction of the rows (gathered into a temporary), and every row otherwise.
+_GATHER_FRACTION = 8
+
+
+def _sum_below(
+    axes: tuple[int, ...],
+    args: tuple[jax.Array, ...],
+    need: jax.Array,
+    row_clip: bool,
+    gather: bool,
+) -> jax.Array:
+    """The sum of :func:`_below` over ``axes`` (kept), exact where ``need``, 0 elsewhere.
+
+    With ``gather`` (and no mask, trailing reduced axes, rows not blocked), when at most
+    ``1 / _GATHER_FRACTION`` of the rows need it, only those rows are gathered and summed: with
+    confident predictions a few rows in a batch are dominated by one logit, and summing them
+    alone saves most of a pass over the logits.
+    """
+    below = partial(_below, row_clip=row_clip)
+    x, m = args[0], args[1]
+    ndim, nred = x.ndim, len(axes)
+    n = math.prod(x.shape[a] for a in axes)
+    rows = math.prod(x.shape[: ndim - nred])
+    budget = rows // _GATHER_FRACTION
+    if (
+        not gather
+        or len(args) != 2
+        or axes != tuple(range(ndim - nred, ndim))
+        or _block_size(n) is not None
+        or budget < 1
+    ):
+        return _reduce("sum", below, axes, *args)
+
+    def few(x: jax.Array, m: jax.Array, need: jax.Array) -> jax.Array:
+        flat = need.reshape(rows)
+        idx = jnp.nonzero(flat, size=budget, fill_value=rows)[0]
+        xs = x.reshape(rows, n).at[idx].get(mode="fill", fill_value=0)
+        ms = m.reshape(rows, 1).at[idx].get(mode="fill", fill_value=0)
+        part = _reduce("sum", below, (1,), xs, ms)
+        t = jnp.zeros((rows, 1), part.dtype).at[idx].set(part, mode="drop")
+        return t.reshape(need.shape)
+
+    def every(x: jax.Array, m: jax.Array, need: jax.Array) -> jax.Array:
+        return _reduce("sum", below, axes, x, m)
+
+    return lax.cond(jnp.sum(need) <= budget, few, every, x, m, need)
 
 
 def _row_log_sum(
@@ -251,43 +353,53 @@ def _row_log_sum(
     row_clip: bool = False,
     care: Callable[[jax.Array], jax.Array] | None = None,
     with_tiny: bool = False,
+    gather: bool = False,
 ) -> tuple[jax.Array, ...]:
     r"""Returns ``(m, L)`` with :math:`L = \log \sum_j e^{z_j}`, reduced axes kept.
 
-    ``L`` keeps its relative accuracy when one entry dominates: then :math:`S = \sum_j e^{z_j}`
-    is :math:`1 + t` with :math:`t` tiny, and ``log(S)`` would return ``t`` rounded to the
-    float32 spacing at 1. For rows with :math:`S < 1.5` (where the max is unique, since each
-    max entry adds 1), ``L = log1p(t)`` with :math:`t = \sum_{j:\, z_j < 0} e^{z_j}` summed
-    directly (scaled, see :func:`_below`). That second pass runs (under ``lax.cond``) only when
-    some row needs it, and it shares nothing with the first: XLA:CPU materialises (N, V)
-    intermediates that two reductions share. ``care(m)``, if given, marks the rows (reduced
-    axes kept) whose ``L`` needs relative accuracy; the others keep ``log(S)``, accurate to a
-    few ulp of 1. ``L`` is 0 for a row with no entry. Its derivative is that of ``log(S)``.
+    ``L`` keeps its relative accuracy when it is small: when one entry dominates,
+    :math:`S = \sum_j e^{z_j}` is :math:`1 + t` with :math:`t` tiny, and ``log(S)`` would return
+    ``t`` rounded to the float32 spacing at 1; and for :math:`S` up to about 4, the few-ulp
+    rounding of the float32 sum becomes tens of ulp of ``log(S)``. For rows with
+    :math:`S < 8` (``_EXACT_BELOW``), :math:`L = \operatorname{log1p}(t + k - 1)` with
+    :math:`t = \sum_{j:\, z_j < 0} e^{z_j}` summed directly (see :func:`_below`) and
+    :math:`k = \operatorname{round}(S - t)` the number of max entries. That second pass runs
+    (under ``lax.cond``) only when some row needs it, and it shares nothing with the first:
+    XLA:CPU materialises (N, V) intermediates that two reductions share. ``care(m)``, if given,
+    marks the rows (reduced axes kept) whose ``L`` needs relative accuracy; the others keep
+    ``log(S)``, accurate to a few ulp of 1. ``L`` is 0 for a row with no entry. Its derivative
+    is that of ``log(S)``.
 
     ``with_tiny`` also returns ``T``: :math:`t \\cdot 2^{92}` for the rows whose ``t`` is below the
     smallest normal float32 (there ``L = t`` is subnormal, and XLA:CPU flushes it to 0), else 0;
     :func:`_tiny_bits` turns it into the exact subnormal result.
+
+    ``gather`` (forward passes only: it costs a temporary of up to 1/8 of ``x``) lets the exact
+    pass read only the rows that need it (see :func:`_sum_below`).
     """
     m, total = _sum_exp(axes, x, mask, row_clip)
     args = (x, m) if mask is None else (x, m, mask)
     tiny = jnp.finfo(total.dtype).tiny
     base = jnp.log(jnp.maximum(total, tiny))
-    need = total < 1.5
+    need = total < _EXACT_BELOW
     if care is not None:
         need = need & care(m)
 
     def exact(
-        args: tuple[jax.Array, ...], need: jax.Array, base: jax.Array
+        args: tuple[jax.Array, ...], need: jax.Array, total: jax.Array, base: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
-        t = _reduce("sum", partial(_below, row_clip=row_clip), axes, *args)
-        fixed = jnp.where(need, jnp.log1p(t), base)
+        t = _sum_below(axes, args, need, row_clip, gather)
+        # k max entries (k = S - t, an integer up to rounding; 0 in a row with no entry).
+        k = jnp.round(total - t)
+        fixed = jnp.where(need, _log1p(t + jnp.maximum(k - 1, 0.0)), base)
         if not with_tiny:
             return fixed, jnp.zeros_like(base)
         # Rows whose t is near or below the smallest normal, where flushed subnormal terms
         # could matter (each is below tiny; there are fewer than 2**22 of them): sum again,
         # scaled, in a pass of its own (its own barrier, so that it shares no (N, V)
         # intermediate with the first), then use that t and, if it is subnormal, its bits.
-        small = need & (t < 2.0**-80)
+        # Only for a unique max (k = 1): with ties L >= log 2.
+        small = need & (t < 2.0**-80) & (k == 1)
 
         def rescan(args: tuple[jax.Array, ...], small: jax.Array) -> jax.Array:
             args = lax.optimization_barrier(args)
@@ -302,11 +414,11 @@ def _row_log_sum(
         return fixed, jnp.where(small & (t_scaled < tiny * scale), t_scaled, 0.0)
 
     def plain(
-        args: tuple[jax.Array, ...], need: jax.Array, base: jax.Array
+        args: tuple[jax.Array, ...], need: jax.Array, total: jax.Array, base: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
         return base, jnp.zeros_like(base)
 
-    fixed, t_tiny = lax.cond(jnp.any(need), exact, plain, args, need, base)
+    fixed, t_tiny = lax.cond(jnp.any(need), exact, plain, args, need, total, base)
     log_sum = base + lax.stop_gradient(fixed - base)
     return (m, log_sum, t_tiny) if with_tiny else (m, log_sum)
 
@@ -372,12 +484,19 @@ def _masked(v: jax.Array, mask: jax.Array | None) -> jax.Array:
 # logsumexp
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _logsumexp_core(
-    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None, b: jax.Array | None
+def _lse_value(
+    axes: tuple[int, ...],
+    x: jax.Array,
+    mask: jax.Array | None,
+    b: jax.Array | None,
+    clip_inf: bool,
 ) -> tuple[jax.Array, jax.Array]:
+    """``(logsumexp, sign)`` with reduced axes kept. ``clip_inf=False`` (the forward pass) skips
+    clipping +inf entries: such a row sums to +inf, and its result is +inf either way. The rule
+    clips (without ``b``), so that its sum is the one the softmax of its tangent computes, which
+    XLA then shares instead of materialising an intermediate of the two."""
     if b is None:
-        m, total = _sum_exp(axes, x, mask)
+        m, total = _sum_exp(axes, x, mask, clip_inf=clip_inf)
     else:
         counted = b != 0 if mask is None else mask & (b != 0)
         m = _masked_max(axes, x, counted)
@@ -390,11 +509,23 @@ def _logsumexp_core(
     return jnp.where(m == jnp.inf, jnp.inf, out), sign
 
 
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _logsumexp_core(
+    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None, b: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    return _lse_value(axes, x, mask, b, clip_inf=False)
+
+
 @_logsumexp_core.defjvp
 def _logsumexp_jvp(axes, primals, tangents):
     x, mask, b = primals
     x_dot, _, b_dot = tangents
-    out, sign = _logsumexp_core(axes, x, mask, b)
+    # With b, the primal is the core itself: differentiated again, it takes this rule (its
+    # derivative in b is not that of the sum it computes, which leaves out b == 0 entries).
+    if b is None:
+        out, sign = _lse_value(axes, x, mask, None, clip_inf=True)
+    else:
+        out, sign = _logsumexp_core(axes, x, mask, b)
     x_dot = _masked(x_dot.astype(out.dtype), mask)
     if b is None:
         # d lse = sum_j softmax_j dx_j. softmax is itself a custom_jvp core, so derivatives of any
@@ -544,7 +675,7 @@ def _log_softmax_from(
 def _log_softmax_core(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
-    m, log_sum, t_tiny = _row_log_sum(axes, x, mask, with_tiny=True)
+    m, log_sum, t_tiny = _row_log_sum(axes, x, mask, with_tiny=True, gather=True)
     out = _log_softmax_from(x, m, log_sum, mask).astype(x.dtype)
     # A dominant entry whose log-probability is subnormal: -t, assembled exactly (see
     # _tiny_bits). Its z is 0 (it is the row's unique max).
