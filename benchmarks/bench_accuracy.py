@@ -22,19 +22,19 @@ import optax
 
 import jaxlse
 
-ROWS = 8
+ROWS = 64  # rows per distribution and row length (--rows)
 
 
-def distributions(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The input distributions of the accuracy targets, ``ROWS`` rows of length ``n``."""
-    normal = rng.standard_normal((ROWS, n))
-    dominant = rng.standard_normal((ROWS, n))
-    dominant[np.arange(ROWS), rng.integers(0, n, ROWS)] += 30.0
+def distributions(n: int, rng: np.random.Generator, rows: int = ROWS) -> dict[str, np.ndarray]:
+    """The input distributions of the accuracy targets, ``rows`` rows of length ``n``."""
+    normal = rng.standard_normal((rows, n))
+    dominant = rng.standard_normal((rows, n))
+    dominant[np.arange(rows), rng.integers(0, n, rows)] += 30.0
     return {
         "normal": normal,
         "normal x10": 10 * normal,
         "normal x100": 100 * normal,
-        "uniform 1e4": rng.uniform(-1e4, 1e4, (ROWS, n)),
+        "uniform 1e4": rng.uniform(-1e4, 1e4, (rows, n)),
         "normal + 1e4": normal + 1e4,
         "nearly constant": 1 + 1e-6 * normal,
         "one logit +30": dominant,
@@ -68,10 +68,12 @@ def ulps(got: np.ndarray, want: np.ndarray, scale: np.ndarray, dtype: jnp.dtype)
     return float(np.max(err[finite] / spacing[finite]))
 
 
-def measure(dtype: jnp.dtype, n: int, seed: int) -> list[tuple[str, str, float, float]]:
+def measure(
+    dtype: jnp.dtype, n: int, seed: int, rows: int = ROWS
+) -> list[tuple[str, str, float, float]]:
     rng = np.random.default_rng(seed)
     out = []
-    for name, raw in distributions(n, rng).items():
+    for name, raw in distributions(n, rng, rows).items():
         x = jnp.asarray(raw, dtype)
         x64 = np.asarray(x.astype(jnp.float32), np.float64)
         lsm_want = exact_log_softmax(x64)
@@ -88,8 +90,8 @@ def measure(dtype: jnp.dtype, n: int, seed: int) -> list[tuple[str, str, float, 
         out.append((name, "logsumexp", *(ulps(v, lse_want, lse_scale, dtype) for v in lse)))
         if dtype == jnp.float32:
             labels = np.asarray(x64.argmax(axis=-1) if name == "one logit +30"
-                                else rng.integers(0, n, ROWS))
-            want = -lsm_want[np.arange(ROWS), labels]
+                                else rng.integers(0, n, rows))
+            want = -lsm_want[np.arange(rows), labels]
             y = jnp.asarray(labels)
             ce = [to_np(lambda v, y=y: jaxlse.cross_entropy(v, y, reduction="none"), x),
                   to_np(optax.softmax_cross_entropy_with_integer_labels, x, y)]
@@ -101,13 +103,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,32768")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", type=int, default=ROWS, help="rows per distribution")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0].platform}")
     print("| dtype | n | inputs | function | jaxlse max ulp | jax.nn / optax max ulp |")
     print("|---|--:|---|---|--:|--:|")
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
         for n in (int(s) for s in args.sizes.split(",")):
-            for name, fn, ours, theirs in measure(jnp.dtype(dtype), n, args.seed):
+            for name, fn, ours, theirs in measure(jnp.dtype(dtype), n, args.seed, args.rows):
                 print(f"| {jnp.dtype(dtype).name} | {n} | {name} | {fn} | {ours:.3g} "
                       f"| {theirs:.3g} |", flush=True)
 

@@ -289,7 +289,6 @@ def nll_loss(
 def _ce_row(
     x: jax.Array,
     cd: jnp.dtype,
-    row_clip: bool = False,
     x_y: jax.Array | None = None,
     with_tiny: bool = False,
 ) -> tuple[jax.Array, ...]:
@@ -312,7 +311,7 @@ def _ce_row(
             return _z(x_y, m) > -0.5
 
     m, log_sum, *t_tiny = _row_log_sum(
-        (x.ndim - 1,), x, None, row_clip, care=care, with_tiny=with_tiny, gather=with_tiny
+        (x.ndim - 1,), x, None, care=care, with_tiny=with_tiny, gather=with_tiny
     )
     m = m.astype(cd)
     big = jnp.finfo(cd).max
@@ -339,12 +338,12 @@ def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:
     axes = (x.ndim - 1,)
     if tw.ndim == 0:
         def neg_z(v: jax.Array, mm: jax.Array) -> jax.Array:
-            return -_z(v.astype(mm.dtype), mm, row_clip=True)
+            return -_z(v.astype(mm.dtype), mm)
 
         return tw * _reduce("sum", neg_z, axes, x, m)
 
     def term(v: jax.Array, mm: jax.Array, ww: jax.Array) -> jax.Array:
-        return jnp.where(ww == 0, 0.0, ww * -_z(v.astype(mm.dtype), mm, row_clip=True))
+        return jnp.where(ww == 0, 0.0, ww * -_z(v.astype(mm.dtype), mm))
 
     return _reduce("sum", term, axes, x, m, tw)
 
@@ -442,7 +441,7 @@ def _ce_jvp(soft, smoothing, primals, tangents):
     # product, so NaN or inf in them cannot leak); a counted row with a bad label gets NaN.
     num_classes, cd = x.shape[-1], eps.dtype
     x_y = None if soft else _label_logit(x, labels, cd)
-    m, log_sum, lse = _ce_row(lax.optimization_barrier(x), cd, row_clip=True, x_y=x_y)
+    m, log_sum, lse = _ce_row(lax.optimization_barrier(x), cd, x_y=x_y)
     out = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
     p = _p(x, m, log_sum)
     if soft:

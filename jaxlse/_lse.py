@@ -164,38 +164,37 @@ def _z(
     m: jax.Array,
     mask: jax.Array | None = None,
     *,
-    row_clip: bool = False,
     clip_inf: bool = True,
+    above_max: bool = False,
 ) -> jax.Array:
     r"""``z = x - m`` for the row statistic ``m`` of :func:`_masked_max`, with ``+inf`` clipped.
 
     For finite rows this is ``x - m`` exactly. In a row whose max is :math:`+\infty` it is 0 at
     the :math:`+\infty` entries and :math:`\le -2\cdot 10^{31}` (float32) elsewhere, so
     ``exp(z)`` is their limit (1 and 0). In a row with no entry it is ``-inf``. Excluded entries
-    are ``-inf``. ``m`` is clipped after broadcasting, so that XLA keeps the whole row
-    computation in one fused kernel. 16-bit ``x`` (and ``m``, which is exact in ``x``'s dtype)
-    is converted to float32 here, inside each kernel that reads it.
+    are ``-inf``. 16-bit ``x`` (and ``m``, which is exact in ``x``'s dtype) is converted to
+    float32 here, inside each kernel that reads it.
 
-    ``row_clip`` (for the rules' kernels) clips ``x`` to the clipped row max instead of to the
-    constant ``big`` (the same value, as ``x <= m`` for every included entry). XLA:CPU turns
-    a constant operand of an (N, V) operation into a full-size broadcast, which it materialises
-    when several kernels of a ``value_and_grad`` read it; the forward kernels are faster with
-    the constant.
+    ``x`` is clipped to the clipped row max ``mc = min(m, big)`` (the same as clipping it to
+    ``big``, as ``x <= m`` for every included entry): no (N, V) operation takes a constant
+    operand, which XLA:CPU would turn into a full-size broadcast and materialise as an input of
+    its fused reduction. ``m`` is clipped before broadcasting.
 
     ``clip_inf=False`` leaves ``+inf`` entries as they are (``z = +inf``), for a caller whose
     result is ``+inf`` for such a row anyway (logsumexp); one operation less per entry.
+    ``above_max=True`` is for entries that may exceed ``m`` (logsumexp's ``b == 0`` entries,
+    which ``m`` leaves out): ``x`` is clipped to ``big`` instead.
     """
     cd = compute_dtype(x.dtype)
     x, m = x.astype(cd), m.astype(cd)
     big = jnp.finfo(cd).max
-    if row_clip:
-        mc = jnp.broadcast_to(jnp.minimum(m, big), np.broadcast_shapes(x.shape, m.shape))
+    mc = jnp.broadcast_to(jnp.minimum(m, big), np.broadcast_shapes(x.shape, m.shape))
+    if above_max:
+        z = jnp.minimum(x, big) - mc
+    elif clip_inf:
         z = _clip(x, mc) - mc
-    elif not clip_inf:
-        z = x - jnp.minimum(jnp.broadcast_to(m, np.broadcast_shapes(x.shape, m.shape)), big)
     else:
-        m = jnp.broadcast_to(m, np.broadcast_shapes(x.shape, m.shape))
-        z = jnp.minimum(x, big) - jnp.minimum(m, big)
+        z = x - mc
     return z if mask is None else jnp.where(mask, z, -jnp.inf)
 
 
@@ -214,19 +213,18 @@ def _p(
         x, m, log_sum = lax.optimization_barrier((x, m, log_sum))
     else:
         x, m, log_sum, mask = lax.optimization_barrier((x, m, log_sum, mask))
-    return jnp.exp(_z(x, m, mask, row_clip=True) - log_sum)
+    return jnp.exp(_z(x, m, mask) - log_sum)
 
 
 def _sum_exp(
     axes: tuple[int, ...],
     x: jax.Array,
     mask: jax.Array | None,
-    row_clip: bool = False,
     clip_inf: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Returns ``(m, S)`` with ``S = sum_j exp(z_j)``, reduced axes kept."""
     m = _masked_max(axes, x, mask)
-    z = partial(_z, row_clip=row_clip, clip_inf=clip_inf)
+    z = partial(_z, clip_inf=clip_inf)
     if mask is None:
         return m, _reduce("sum", lambda v, mm: jnp.exp(z(v, mm)), axes, x, m)
     return m, _reduce("sum", lambda v, mm, w: jnp.exp(z(v, mm, w)), axes, x, m, mask)
@@ -243,7 +241,6 @@ def _below(
     m: jax.Array,
     mask: jax.Array | None = None,
     *,
-    row_clip: bool = False,
     scaled: bool = False,
 ) -> jax.Array:
     r"""``e^{z_j}`` for the entries below the row max, 0 at the max entries; for the exact pass.
@@ -258,7 +255,7 @@ def _below(
     :math:`z_j < -55`: there ``z_j + c`` is exact (both are multiples of the spacing of
     ``z_j`` and the sum is below 64 in magnitude).
     """
-    z = _z(x, m, mask, row_clip=row_clip)
+    z = _z(x, m, mask)
     cd = z.dtype
     big = jnp.finfo(cd).max
     tiny = jnp.finfo(cd).tiny
@@ -300,13 +297,14 @@ _EXACT_BELOW = 8.0
 # The exact pass of a forward call reads only the rows that need it when they are at most this
 # fraction of the rows (gathered into a temporary), and every row otherwise.
 _GATHER_FRACTION = 8
+# Below this many entries a pass over every row is cheaper than choosing and gathering rows.
+_GATHER_MIN_SIZE = 1 << 20
 
 
 def _sum_below(
     axes: tuple[int, ...],
     args: tuple[jax.Array, ...],
     need: jax.Array,
-    row_clip: bool,
     gather: bool,
 ) -> jax.Array:
     """The sum of :func:`_below` over ``axes`` (kept), exact where ``need``, 0 elsewhere.
@@ -316,7 +314,7 @@ def _sum_below(
     confident predictions a few rows in a batch are dominated by one logit, and summing them
     alone saves most of a pass over the logits.
     """
-    below = partial(_below, row_clip=row_clip)
+    below = _below
     x, m = args[0], args[1]
     ndim, nred = x.ndim, len(axes)
     n = math.prod(x.shape[a] for a in axes)
@@ -324,6 +322,7 @@ def _sum_below(
     budget = rows // _GATHER_FRACTION
     if (
         not gather
+        or rows * n < _GATHER_MIN_SIZE
         or len(args) != 2
         or axes != tuple(range(ndim - nred, ndim))
         or _block_size(n) is not None
@@ -350,7 +349,6 @@ def _row_log_sum(
     axes: tuple[int, ...],
     x: jax.Array,
     mask: jax.Array | None,
-    row_clip: bool = False,
     care: Callable[[jax.Array], jax.Array] | None = None,
     with_tiny: bool = False,
     gather: bool = False,
@@ -377,7 +375,7 @@ def _row_log_sum(
     ``gather`` (forward passes only: it costs a temporary of up to 1/8 of ``x``) lets the exact
     pass read only the rows that need it (see :func:`_sum_below`).
     """
-    m, total = _sum_exp(axes, x, mask, row_clip)
+    m, total = _sum_exp(axes, x, mask)
     args = (x, m) if mask is None else (x, m, mask)
     tiny = jnp.finfo(total.dtype).tiny
     base = jnp.log(jnp.maximum(total, tiny))
@@ -388,7 +386,7 @@ def _row_log_sum(
     def exact(
         args: tuple[jax.Array, ...], need: jax.Array, total: jax.Array, base: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
-        t = _sum_below(axes, args, need, row_clip, gather)
+        t = _sum_below(axes, args, need, gather)
         # k max entries (k = S - t, an integer up to rounding; 0 in a row with no entry).
         k = jnp.round(total - t)
         fixed = jnp.where(need, _log1p(t + jnp.maximum(k - 1, 0.0)), base)
@@ -403,7 +401,7 @@ def _row_log_sum(
 
         def rescan(args: tuple[jax.Array, ...], small: jax.Array) -> jax.Array:
             args = lax.optimization_barrier(args)
-            below = partial(_below, row_clip=row_clip, scaled=True)
+            below = partial(_below, scaled=True)
             return jnp.where(small, _reduce("sum", below, axes, *args), 0.0)
 
         t_scaled = lax.cond(
@@ -541,7 +539,7 @@ def _logsumexp_jvp(axes, primals, tangents):
         # counts) have lse = -inf and get a zero tangent rather than 0 / 0.
         nonzero = b != 0 if mask is None else mask & (b != 0)
         m = lax.stop_gradient(_masked_max(axes, x, nonzero))
-        e = jnp.exp(_z(x, m, mask))
+        e = jnp.exp(_z(x, m, mask, above_max=True))
         # e <= 1 where b != 0; elsewhere it may overflow, and is clipped where it multiplies b
         # so that 0 * inf never appears (d s / d b_j = e_j must survive at b_j = 0).
         e_fin = jnp.minimum(e, jnp.finfo(e.dtype).max)
@@ -663,11 +661,13 @@ def _log_softmax_from(
     1 + big sends the latter to -inf. d is 1 for such rows and 0 otherwise. A row with no entry
     has z = -inf and L = 0.
     """
+    # Per-row operands only (the clip of +inf to the row's clipped max, and the factor d):
+    # a constant (N, V) operand would be a broadcast that XLA shares with the sums' kernel,
+    # and so materialises.
     z = _z(x, m, mask)
-    big = jnp.finfo(z.dtype).max
-    # Per row (m is constant): the output kernel reads L from the accuracy pass anyway, so
-    # a per-row operand costs no fusion, and the factor costs no exp per entry.
-    d = jnp.maximum(1 - jnp.exp(big - jnp.broadcast_to(m.astype(z.dtype), z.shape)), 0.0)
+    cd = z.dtype
+    big = jnp.finfo(cd).max
+    d = jnp.maximum(1 - jnp.exp(big - m.astype(cd)), 0.0)
     return z * (1 + d * big) - log_sum
 
 
@@ -676,10 +676,13 @@ def _log_softmax_core(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
     m, log_sum, t_tiny = _row_log_sum(axes, x, mask, with_tiny=True, gather=True)
-    out = _log_softmax_from(x, m, log_sum, mask).astype(x.dtype)
+    # The output kernel reads x and the row statistics through a barrier: sharing an (N, V)
+    # intermediate (z, or a broadcast of m) with the sums' kernel would materialise it.
+    xo, mo, lo = lax.optimization_barrier((x, m, log_sum))
+    out = _log_softmax_from(xo, mo, lo, mask).astype(x.dtype)
     # A dominant entry whose log-probability is subnormal: -t, assembled exactly (see
     # _tiny_bits). Its z is 0 (it is the row's unique max).
-    at_max = _z(x, m, mask) == 0
+    at_max = _z(xo, mo, mask) == 0
     return _patch_tiny(out, at_max, t_tiny)
 
 
@@ -696,9 +699,9 @@ def _log_softmax_jvp(axes, primals, tangents):
     # exact. Excluded entries get a zero tangent (y is 0 there and x_dot is masked), and so
     # does a row with no entry above -inf (its max statistic is -big): its output is constant.
     if mask is None:
-        m, log_sum = _row_log_sum(axes, lax.optimization_barrier(x), None, row_clip=True)
+        m, log_sum = _row_log_sum(axes, lax.optimization_barrier(x), None)
     else:
-        m, log_sum = _row_log_sum(axes, *lax.optimization_barrier((x, mask)), row_clip=True)
+        m, log_sum = _row_log_sum(axes, *lax.optimization_barrier((x, mask)))
     cd = log_sum.dtype
     m = m.astype(cd)
     big = jnp.finfo(cd).max

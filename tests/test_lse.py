@@ -717,6 +717,58 @@ def test_accuracy_float32(dist, n):
     assert sm_ratio.max() <= 1.0, sm_ratio.max()
 
 
+def _dominated_batch(rows: int, n: int, dominated: int, seed: int) -> np.ndarray:
+    """Normal logits with ``dominated`` rows (spread over the batch) whose max is 12 above."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, n))
+    which = rng.choice(rows, dominated, replace=False)
+    x[which, rng.integers(0, n, dominated)] += 12.0
+    return x.astype(np.float32)
+
+
+# (rows, dominated): the exact pass of a forward call gathers the rows that need it when they
+# are at most 1/8 of the batch (37 // 8 = 4 here) and reads every row otherwise; row counts
+# that 8 does not divide, and tuple axes over a 3-d batch.
+GATHER_CASES = [(37, 1), (37, 4), (37, 5), (37, 37), (8, 1), (7, 1)]
+
+
+@pytest.mark.parametrize(("rows", "dominated"), GATHER_CASES, ids=str)
+def test_log_softmax_exact_pass_some_rows(rows, dominated):
+    """Dominated rows (tiny log-probability at the max) are exact whichever way the exact pass
+    reads them (gathered or all rows), as are the others."""
+    x = _dominated_batch(rows, 300, dominated, seed=rows + dominated)
+    out = jax.jit(jaxlse.log_softmax)(jnp.asarray(x))
+    err = ulp_error(out, ref_log_softmax(x))
+    assert err.max() <= ULP_BOUND[F32], err.max()
+    # with a leading batch axis, and one row at a time
+    x3 = x.reshape(1, rows, 300)
+    out3 = jax.jit(jaxlse.log_softmax)(jnp.asarray(x3))
+    assert ulp_error(out3[0], ref_log_softmax(x)).max() <= ULP_BOUND[F32]
+    for i in (0, rows - 1):
+        one = jaxlse.log_softmax(jnp.asarray(x[i : i + 1]))
+        assert ulp_error(one, ref_log_softmax(x[i : i + 1])).max() <= ULP_BOUND[F32]
+
+
+TIE_ROWS = [
+    [3.0, 3.0, 1.0],  # two max entries: S = 2 + e^-2 < 8, so the exact pass counts them
+    [0.0, 0.0, 0.0, 0.0, 0.0],  # all equal: -log 5
+    [2.0, 2.0, 2.0, -30.0],  # three ties and a tiny term
+    [1.0, 1.0 - 1e-6, -3.0],  # a near tie (not a tie)
+    [np.inf, np.inf, 1.0],  # two +inf: -log 2 at each
+]
+
+
+@pytest.mark.parametrize("row", TIE_ROWS, ids=str)
+def test_log_softmax_ties_in_exact_pass(row):
+    x = np.asarray([row, [5.0, -10.0, -20.0][: len(row)] + [-40.0] * (len(row) - 3)],
+                   np.float32)
+    out = np.asarray(jax.jit(jaxlse.log_softmax)(jnp.asarray(x)))
+    ref = ref_log_softmax(x)
+    finite = np.isfinite(ref)
+    np.testing.assert_array_equal(np.isfinite(out), finite)
+    assert ulp_error(out[finite], ref[finite]).max() <= ULP_BOUND[F32], (out, ref)
+
+
 def test_log_softmax_dominant_entry_float32():
     """The dominant entry's log-probability (about -1e-9 here) is accurate to a few ulp."""
     x = accuracy_input("dominant_30", (8, 1000), seed=1)
