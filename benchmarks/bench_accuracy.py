@@ -7,7 +7,7 @@ measured against the exact answer for the given (rounded) inputs, computed in fl
 * ``logsumexp``: ulps of ``max(|result|, max|input|)`` (the scale the inputs fix);
 * ``cross_entropy`` with integer labels (per example): ulps of the loss.
 
-Run: ``python benchmarks/bench_accuracy.py`` (about a minute on 2 CPU cores).
+Run: ``python benchmarks/bench_accuracy.py`` (a few minutes on 2 CPU cores).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ is subtracted from a large logit, and the tiny loss of a confident correct predi
 
 from __future__ import annotations
 
+import math
 import operator
 from functools import partial
 from typing import Literal
@@ -167,13 +168,22 @@ def _prepare(
 
 
 def _reduce_loss(
-    loss: jax.Array, denom: jax.Array, reduction: str
+    loss: jax.Array, denom: jax.Array | int, reduction: str
 ) -> jax.Array:
-    """Applies ``reduction``; "mean" divides by ``denom`` and gives 0 when ``denom`` is 0."""
+    """Applies ``reduction``; "mean" divides by ``denom`` and gives 0 when ``denom`` is 0.
+
+    ``denom`` is the per-example weights of the mean, or their sum as a Python int when every
+    example counts with weight 1 (then no kernel computes it).
+    """
     if reduction == "none":
         return loss
     # The barrier keeps XLA:CPU from fusing this small sum into the (N, V) kernels that make
     # the per-example losses, which it then runs several times slower. It changes no value.
+    if isinstance(denom, int):
+        total = jnp.sum(lax.optimization_barrier(loss))
+        if reduction == "sum":
+            return total
+        return total / denom if denom > 0 else jnp.zeros_like(total)
     loss, denom = lax.optimization_barrier((loss, denom))
     total = jnp.sum(loss)
     if reduction == "sum":
@@ -585,9 +595,14 @@ def cross_entropy(
     counted = jnp.broadcast_to(counted, x.shape[:-1])
     smoothing = not (_concrete(label_smoothing) and float(np.asarray(label_smoothing)) == 0.0)
     loss = _jit_core(_ce_core, 2)(soft, smoothing, x, lab, w, eps, zeta, counted)
-    if soft or w is None:
+    every = where is None and (soft or ignore_index is None)
+    if every and (soft or w is None):
+        denom: jax.Array | int = math.prod(x.shape[:-1])  # every example counts, weight 1
+    elif soft or w is None:
         denom = counted.astype(out_dtype)
     else:
         valid = (lab >= 0) & (lab < x.shape[-1])
         denom = jnp.where(counted, w[jnp.where(valid, lab, 0)], 0.0)
-    return _reduce_loss(loss, lax.stop_gradient(denom), reduction).astype(out_dtype)
+    if not isinstance(denom, int):
+        denom = lax.stop_gradient(denom)
+    return _reduce_loss(loss, denom, reduction).astype(out_dtype)
