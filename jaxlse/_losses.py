@@ -513,8 +513,9 @@ def cross_entropy(
 
     The loss is computed as :math:`\sum_c w_c q_{ic} (L_i - z_{ic})` with
     :math:`z = x - \max x` and :math:`L = \operatorname{log1p}(\cdot)` of the shifted sum, so it
-    keeps full relative accuracy for confident predictions (losses near 1e-9) and for logits near
-    1e4, and ``[1e30, 0, 0, 1e30]`` with label 0 gives :math:`\log 2`. The gradient,
+    keeps full relative accuracy for confident predictions (losses near 1e-9, and subnormal ones
+    below 1.2e-38 with ``reduction="none"``, which XLA:CPU's arithmetic would flush to 0) and for
+    logits near 1e4, and ``[1e30, 0, 0, 1e30]`` with label 0 gives :math:`\log 2`. The gradient,
     :math:`(A_i + 2\zeta s_i \operatorname{logsumexp}(x_i))\operatorname{softmax}(x_i) - w\odot
     q_i` with :math:`A_i = \sum_c w_c q_{ic}`, comes from a custom JVP rule and needs no
     ``log_softmax`` array.

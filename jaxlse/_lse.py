@@ -747,7 +747,8 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
     keeps the relative accuracy of a dominant entry's tiny log-probability (about
     :math:`-\sum_{j \ne i} e^{x_j - x_i}`), which ``log(sum(...))`` rounds to 0. A drop-in
     replacement for :func:`jax.nn.log_softmax`; float32 results are within a few ulp of the
-    exact value.
+    exact value, also when they are subnormal (below 1.2e-38, which XLA:CPU's arithmetic
+    would flush to 0: such a result is assembled from its bits).
 
     Args:
       x: input array of real numbers (booleans and integers promote to the default float dtype;
