@@ -260,10 +260,10 @@ def run_cross_entropy(args: argparse.Namespace, shapes: Sequence[tuple[int, int]
 # Driver
 
 
-@partial(jax.jit, static_argnums=(1, 2))
-def _make_x(key: jax.Array, shape: tuple[int, int], dtype: Any) -> jax.Array:
-    # Logits of the size a trained classifier produces: standard deviation 4.
-    return (4.0 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def _make_x(key: jax.Array, shape: tuple[int, int], dtype: Any, scale: float) -> jax.Array:
+    # Logits scale * normal(0, 1); the default 4 is the size a trained classifier produces.
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 @partial(jax.jit, static_argnums=(1, 2))
@@ -291,7 +291,7 @@ def run_cases(
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
             kx, kt = jax.random.split(jax.random.fold_in(key, math.prod(shape)))
-            x = jax.block_until_ready(_make_x(kx, shape, dtype))
+            x = jax.block_until_ready(_make_x(kx, shape, dtype, args.scale))
             second = jax.block_until_ready(make_second(kt, shape, dtype))
             nbytes = x.size * x.dtype.itemsize
             copy, _ = compile_with_temp(_copy, x)
@@ -457,6 +457,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{BIG_ELEMENTS} elements or more (default: 7)",
     )
     parser.add_argument(
+        "--scale",
+        type=float,
+        default=4.0,
+        help="logits are scale * normal(0, 1) (default: 4)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="tiny shapes and 3 rounds: a smoke check, not a measurement",
@@ -472,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("```")
     print(header())
     print("```\n")
+    print(f"Inputs: logits {args.scale:g} * normal(0, 1).\n")
     core = [f for f in args.functions if f in CORE_FUNCTIONS]
     if core:
         rows = run_cases(core_cases(core), shapes, args)
