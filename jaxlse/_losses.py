@@ -66,6 +66,13 @@ def _row(v: jax.Array, ndim: int) -> jax.Array:
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
+def _label_index(labels: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
+    """``(valid, idx)``: which integer labels are classes, and the labels with the others at 0
+    (a safe index: their examples are NaN or excluded, never a wrapped-around class)."""
+    valid = (labels >= 0) & (labels < num_classes)
+    return valid, jnp.where(valid, labels, 0)
+
+
 def _concrete(v: object) -> bool:
     return not isinstance(v, jax.core.Tracer)
 
@@ -282,8 +289,7 @@ def nll_loss(
         loss = jnp.sum(terms, axis=-1)
         denom = counted.astype(out_dtype)
     else:
-        valid = (lab >= 0) & (lab < num_classes)
-        idx = jnp.where(valid, lab, 0)
+        valid, idx = _label_index(lab, num_classes)
         picked = _pick(lp, idx, counted & jnp.logical_not(valid)).astype(out_dtype)
         wy = jnp.ones_like(picked) if w is None else w[idx]
         loss = -wy * picked
@@ -331,9 +337,8 @@ def _ce_row(
 
 def _label_logit(x: jax.Array, labels: jax.Array, cd: jnp.dtype) -> jax.Array:
     """``x[..., y]`` in dtype ``cd`` (classes last, keeps the axis); class 0 for a bad label."""
-    valid = (labels >= 0) & (labels < x.shape[-1])
-    idx = jnp.where(valid, labels, 0)[..., None]
-    return jnp.take_along_axis(x, idx, axis=-1).astype(cd)
+    _, idx = _label_index(labels, x.shape[-1])
+    return jnp.take_along_axis(x, idx[..., None], axis=-1).astype(cd)
 
 
 def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:
@@ -383,8 +388,7 @@ def _ce_core(
     # A confident correct prediction whose loss w_y * t is subnormal (flushed to 0): assembled
     # exactly from the scaled t (see _tiny_bits). Only where the loss came out 0, i.e. without
     # smoothing (whose term is far larger).
-    wy = 1.0 if weight is None else weight[jnp.where((labels >= 0) & (labels < x.shape[-1]),
-                                                     labels, 0)]
+    wy = 1.0 if weight is None else weight[_label_index(labels, x.shape[-1])[1]]
     at = (loss == 0) & counted & (_z(x_y, m)[..., 0] == 0)
     return -_patch_tiny(-loss, at, t_tiny[..., 0], (1 - eps) * wy)
 
@@ -411,8 +415,8 @@ def _ce_loss(
         scale = jnp.asarray(1, cd)
         bad = None
     else:
-        valid = (labels >= 0) & (labels < num_classes)
-        idx = jnp.where(valid, labels, 0)[..., None]
+        valid, idx = _label_index(labels, num_classes)
+        idx = idx[..., None]
         # Scalars, not arrays of ones, when there is no weight: XLA:CPU slows down a lot when a
         # constant array is shared between kernels.
         wy = jnp.asarray(1, cd) if weight is None else weight[idx]
@@ -461,8 +465,8 @@ def _ce_jvp(soft, smoothing, primals, tangents):
         g = (a + jnp.where(zeta > 0, 2 * zeta * lse, 0.0)) * p - b
         bad = None
     else:
-        valid = (labels >= 0) & (labels < num_classes)
-        idx = jnp.where(valid, labels, 0)[..., None]
+        valid, idx = _label_index(labels, num_classes)
+        idx = idx[..., None]
         wy = jnp.asarray(1, cd) if weight is None else weight[idx]
         onehot = (_row(jnp.arange(num_classes, dtype=idx.dtype), x.ndim) == idx).astype(cd)
         a = (1 - eps) * wy
@@ -602,8 +606,7 @@ def cross_entropy(
     elif soft or w is None:
         denom = counted.astype(out_dtype)
     else:
-        valid = (lab >= 0) & (lab < x.shape[-1])
-        denom = jnp.where(counted, w[jnp.where(valid, lab, 0)], 0.0)
+        denom = jnp.where(counted, w[_label_index(lab, x.shape[-1])[1]], 0.0)
     if not isinstance(denom, int):
         denom = lax.stop_gradient(denom)
     return _reduce_loss(loss, denom, reduction).astype(out_dtype)

@@ -314,7 +314,6 @@ def _sum_below(
     confident predictions a few rows in a batch are dominated by one logit, and summing them
     alone saves most of a pass over the logits.
     """
-    below = _below
     x, m = args[0], args[1]
     ndim, nred = x.ndim, len(axes)
     n = math.prod(x.shape[a] for a in axes)
@@ -328,19 +327,19 @@ def _sum_below(
         or _block_size(n) is not None
         or budget < 1
     ):
-        return _reduce("sum", below, axes, *args)
+        return _reduce("sum", _below, axes, *args)
 
     def few(x: jax.Array, m: jax.Array, need: jax.Array) -> jax.Array:
         flat = need.reshape(rows)
         idx = jnp.nonzero(flat, size=budget, fill_value=rows)[0]
         xs = x.reshape(rows, n).at[idx].get(mode="fill", fill_value=0)
         ms = m.reshape(rows, 1).at[idx].get(mode="fill", fill_value=0)
-        part = _reduce("sum", below, (1,), xs, ms)
+        part = _reduce("sum", _below, (1,), xs, ms)
         t = jnp.zeros((rows, 1), part.dtype).at[idx].set(part, mode="drop")
         return t.reshape(need.shape)
 
     def every(x: jax.Array, m: jax.Array, need: jax.Array) -> jax.Array:
-        return _reduce("sum", below, axes, x, m)
+        return _reduce("sum", _below, axes, x, m)
 
     return lax.cond(jnp.sum(need) <= budget, few, every, x, m, need)
 
@@ -690,41 +689,30 @@ def _log_softmax_core(
 def _log_softmax_jvp(axes, primals, tangents):
     x, mask = primals
     x_dot, _ = tangents
-    # Keeps nothing of size (N, V) for the backward pass. The rule is written with per-row
-    # statistics and selects (not the forward kernel's arithmetic form): the statistics read x
-    # through one optimization barrier and the backward kernel through another, so XLA shares
-    # no (N, V) intermediate between the sums, the output and the backward pass (a shared one
-    # would be materialised). y = softmax(x) = exp(x - c), c = m + L, is rebuilt from x and the
-    # row statistics; L is differentiable (m is held constant), so higher derivatives stay
-    # exact. Excluded entries get a zero tangent (y is 0 there and x_dot is masked), and so
-    # does a row with no entry above -inf (its max statistic is -big): its output is constant.
+    # Keeps nothing of size (N, V) for the backward pass. The statistics read x through one
+    # optimization barrier and the backward kernel through another, so XLA shares no (N, V)
+    # intermediate between the sums, the output and the backward pass (a shared one would be
+    # materialised). y = softmax(x) = exp(z - L) is rebuilt from x and the row statistics; L is
+    # differentiable (m is held constant), so higher derivatives stay exact. Excluded entries
+    # get a zero tangent (y is 0 there and x_dot is masked), and so does a row with no entry
+    # above -inf (its max statistic is -big): its output is constant.
     if mask is None:
         m, log_sum = _row_log_sum(axes, lax.optimization_barrier(x), None)
     else:
         m, log_sum = _row_log_sum(axes, *lax.optimization_barrier((x, mask)))
     cd = log_sum.dtype
-    m = m.astype(cd)
-    big = jnp.finfo(cd).max
-    # Per-row statistics: the clipped max, d = 1 for a row holding +inf (0 otherwise), and
-    # live = 1 for a row with an entry above -inf.
-    # Constants (stop_gradient), so that higher derivatives never form -inf * 0 from them.
-    mc = lax.stop_gradient(jnp.minimum(m, big))
-    d = lax.stop_gradient((m == jnp.inf).astype(cd))
-    live = lax.stop_gradient((m > -big).astype(cd))
-
-    def log_p(v: jax.Array, mc: jax.Array, d: jax.Array, log_sum: jax.Array) -> jax.Array:
-        # Arithmetic only (as in _log_softmax_from, with per-row d), so XLA:CPU fuses it into
-        # the kernel of the caller's reduction. In a +inf row, z is 0 at the +inf entries and
-        # about -big elsewhere, which the factor 1 + d * big sends to -inf.
-        return (_clip(v.astype(cd), mc) - mc) * (1 + d * big) - log_sum
-
-    # The output reads the row statistics through a barrier of its own: XLA would otherwise
-    # share a broadcast of mc between the sums' kernel and the caller's loss kernel.
-    out = log_p(x, *lax.optimization_barrier((mc, d, log_sum)))
-    xb, mcb, db, lb = lax.optimization_barrier((x, mc, d, log_sum))
-    # The barrier's JVP instantiates zero tangents; constants again, so -inf * 0 never appears.
-    mcb, db = lax.stop_gradient(mcb), lax.stop_gradient(db)
-    y = jnp.exp(log_p(xb, mcb, db, lb))
+    # live = 1 for a row with an entry above -inf. m is a constant (stop_gradient after each
+    # barrier, whose JVP instantiates zero tangents), so higher derivatives never form -inf * 0
+    # from the +inf-row factor of _log_softmax_from.
+    live = lax.stop_gradient((m > -jnp.finfo(m.dtype).max).astype(cd))
+    # The output and y = softmax(x) = exp(output) each read their operands through a barrier of
+    # their own: XLA would otherwise share a broadcast of the row statistics between the sums'
+    # kernel, the caller's loss kernel and the backward kernel, and materialise it.
+    # The mask is applied once to each, after (a select inside would cost another temporary).
+    mo, lo = lax.optimization_barrier((m, log_sum))
+    out = _log_softmax_from(x, lax.stop_gradient(mo), lo, None)
+    xb, mb, lb = lax.optimization_barrier((x, m, log_sum))
+    y = jnp.exp(_log_softmax_from(xb, lax.stop_gradient(mb), lb, None))
     if mask is not None:
         out = jnp.where(mask, out, -jnp.inf)
         y = jnp.where(mask, y, 0.0)
