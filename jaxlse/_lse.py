@@ -775,10 +775,26 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _softmax_core(axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    m, total = _sum_exp(axes, x, mask)
+    # Unlike the other functions, softmax needs no +inf row flag: x is clipped to the dtype's
+    # largest finite value before the max, so m is finite and z = min(x, big) - m is the same
+    # z as _z's. Nothing happens to m between its reduction and its use: XLA:CPU then fuses the
+    # max with exp(z) as jax.nn's softmax (one kernel less at small shapes; an operation on m
+    # in between splits it). Long rows are not cut into blocks, as the output reads every
+    # entry again anyway.
+    cd = compute_dtype(x.dtype)
+    big = jnp.finfo(cd).max
+    dims = tuple(axes)
+
+    def z(v: jax.Array) -> jax.Array:
+        v = jnp.minimum(v.astype(cd), big)
+        return v if mask is None else jnp.where(mask, v, -jnp.inf)
+
+    m = lax.expand_dims(lax.reduce(z(x), np.array(-big, cd), lax.max, dims), dims)
+    e = jnp.exp(z(x) - m)
     # total >= 1 in any row with an entry (the max contributes e^0); a row without one has
     # total = 0 and exp(z) = 0, which max(total, 1) turns into 0 rather than 0 / 0.
-    return jnp.exp(_z(x, m, mask)) / jnp.maximum(total, 1.0)
+    total = lax.expand_dims(_sum(e, dims), dims)
+    return e / jnp.maximum(total, 1.0)
 
 
 @_softmax_core.defjvp
