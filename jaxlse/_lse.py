@@ -528,7 +528,7 @@ def _logsumexp_jvp(axes, primals, tangents):
         # d lse = sum_j softmax_j dx_j. softmax is itself a custom_jvp core, so derivatives of any
         # order stay exact; it is 0 on excluded entries and on rows with no entry, which gives
         # those a zero tangent instead of exp(-inf - (-inf)) = NaN.
-        y = _softmax_core(axes, x, mask)
+        y = _softmax_core(axes, False, x, mask)
         out_dot = jnp.sum(y * x_dot, axis=axes, keepdims=True)
     else:
         # d lse = sum_j (b_j dx_j + db_j) e^{x_j - m} / s with m the max over b != 0. The db_j
@@ -773,14 +773,24 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
 # softmax
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _softmax_core(axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    # Unlike the other functions, softmax needs no +inf row flag: x is clipped to the dtype's
-    # largest finite value before the max, so m is finite and z = min(x, big) - m is the same
-    # z as _z's. Nothing happens to m between its reduction and its use: XLA:CPU then fuses the
-    # max with exp(z) as jax.nn's softmax (one kernel less at small shapes; an operation on m
-    # in between splits it). Long rows are not cut into blocks, as the output reads every
-    # entry again anyway.
+@partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _softmax_core(
+    axes: tuple[int, ...], clip_first: bool, x: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+    """``softmax(x)`` over ``axes``; excluded entries and rows with no entry give 0.
+
+    ``clip_first=False`` builds it from :func:`_sum_exp`, the statistics that logsumexp's rule
+    computes for its value, so that XLA shares the sums between the two. ``clip_first=True``
+    (softmax itself) needs no +inf row flag: x is clipped to the dtype's largest finite value
+    before the max, so m is finite and ``z = min(x, big) - m`` is the same z as :func:`_z`'s.
+    Nothing happens to m between its reduction and its use, and XLA:CPU then fuses the max with
+    ``exp(z)`` as it does for jax.nn's softmax (an operation on m in between splits them: one
+    kernel more at small shapes). Long rows are not cut into blocks, as the output reads every
+    entry again anyway.
+    """
+    if not clip_first:
+        m, total = _sum_exp(axes, x, mask)
+        return jnp.exp(_z(x, m, mask)) / jnp.maximum(total, 1.0)
     cd = compute_dtype(x.dtype)
     big = jnp.finfo(cd).max
     dims = tuple(axes)
@@ -798,14 +808,20 @@ def _softmax_core(axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None) -
 
 
 @_softmax_core.defjvp
-def _softmax_jvp(axes, primals, tangents):
+def _softmax_jvp(axes, clip_first, primals, tangents):
     x, mask = primals
     x_dot, _ = tangents
-    y = _softmax_core(axes, x, mask)
+    y = _softmax_core(axes, clip_first, x, mask)
     # Keeps y only (the output); y is 0 on excluded entries and on rows with no entry, so those
     # get a zero tangent whatever their input held.
     x_dot = _masked(x_dot.astype(y.dtype), mask)
     return y, y * (x_dot - jnp.sum(y * x_dot, axis=axes, keepdims=True))
+
+
+def _softmax_clip_first(
+    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+    return _softmax_core(axes, True, x, mask)
 
 
 def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:
@@ -850,4 +866,4 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
     See also:
       :func:`jax.nn.softmax`, :func:`torch.nn.functional.softmax`, :func:`log_softmax`.
     """
-    return _normalize("softmax", _softmax_core, x, axis, where)
+    return _normalize("softmax", _softmax_clip_first, x, axis, where)
