@@ -678,11 +678,24 @@ def _log_softmax_core(
     # The output kernel reads x and the row statistics through a barrier: sharing an (N, V)
     # intermediate (z, or a broadcast of m) with the sums' kernel would materialise it.
     xo, mo, lo = lax.optimization_barrier((x, m, log_sum))
-    out = _log_softmax_from(xo, mo, lo, mask).astype(x.dtype)
-    # A dominant entry whose log-probability is subnormal: -t, assembled exactly (see
-    # _tiny_bits). Its z is 0 (it is the row's unique max).
-    at_max = _z(xo, mo, mask) == 0
-    return _patch_tiny(out, at_max, t_tiny)
+
+    def general(xo: jax.Array, mo: jax.Array, lo: jax.Array, t_tiny: jax.Array) -> jax.Array:
+        out = _log_softmax_from(xo, mo, lo, mask).astype(x.dtype)
+        # A dominant entry whose log-probability is subnormal: -t, assembled exactly (see
+        # _tiny_bits). Its z is 0 (it is the row's unique max).
+        at_max = _z(xo, mo, mask) == 0
+        return _patch_tiny(out, at_max, t_tiny)
+
+    def finite(xo: jax.Array, mo: jax.Array, lo: jax.Array, t_tiny: jax.Array) -> jax.Array:
+        # No row holds +inf and no result is subnormal: (x - m) - L as it stands, two
+        # operations per entry instead of six (memory-bound at large shapes, but not free).
+        # A row with no entry has m = -big and x = -inf there, which gives -inf.
+        cd = lo.dtype
+        out = (xo.astype(cd) - mo.astype(cd)) - lo
+        return (out if mask is None else jnp.where(mask, out, -jnp.inf)).astype(x.dtype)
+
+    rare = jnp.any(m == jnp.inf) | jnp.any(t_tiny > 0)
+    return lax.cond(rare, general, finite, xo, mo, lo, t_tiny)
 
 
 @_log_softmax_core.defjvp
