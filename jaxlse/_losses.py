@@ -31,7 +31,15 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from ._checks import as_float_array, compute_dtype
-from ._lse import _jit_core, _p, _patch_tiny, _reduce, _row_log_sum, _z
+from ._lse import (
+    _GATHER_MIN_SIZE_LOSS,
+    _jit_core,
+    _p,
+    _patch_tiny,
+    _reduce,
+    _row_log_sum,
+    _z,
+)
 
 Reduction = Literal["none", "sum", "mean"]
 _REDUCTIONS = ("none", "sum", "mean")
@@ -327,7 +335,12 @@ def _ce_row(
             return _z(x_y, m) > -0.5
 
     m, log_sum, *t_tiny = _row_log_sum(
-        (x.ndim - 1,), x, None, care=care, with_tiny=with_tiny, gather=with_tiny
+        (x.ndim - 1,),
+        x,
+        None,
+        care=care,
+        with_tiny=with_tiny,
+        gather=_GATHER_MIN_SIZE_LOSS if with_tiny else None,
     )
     m = m.astype(cd)
     big = jnp.finfo(cd).max

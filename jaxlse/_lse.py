@@ -297,51 +297,63 @@ _EXACT_BELOW = 8.0
 # The exact pass of a forward call reads only the rows that need it when they are at most this
 # fraction of the rows (gathered into a temporary), and every row otherwise.
 _GATHER_FRACTION = 8
-# Below this many entries a pass over every row is cheaper than choosing and gathering rows.
+# Below this many entries a pass over every row is cheaper than choosing and gathering rows
+# (for log_softmax, whose peaked rows at small shapes mostly need the pass, so that the
+# three-way choice costs more than it saves). The losses' exact pass is limited to rows whose
+# label is near the max, usually a few, and gathers from _GATHER_MIN_SIZE_LOSS on.
 _GATHER_MIN_SIZE = 1 << 20
+_GATHER_MIN_SIZE_LOSS = 1 << 16
+
+
+def _gather_budget(
+    axes: tuple[int, ...], args: tuple[jax.Array, ...], gather: int | None
+) -> int:
+    """How many rows the exact pass may gather (0: it reads every row).
+
+    Gathering needs ``gather`` (the least number of entries worth it), no mask, trailing
+    reduced axes and rows that are not cut into blocks; the budget is ``1 / _GATHER_FRACTION``
+    of the rows.
+    """
+    x = args[0]
+    ndim, nred = x.ndim, len(axes)
+    n = math.prod(x.shape[a] for a in axes)
+    rows = math.prod(x.shape[: ndim - nred])
+    if (
+        gather is None
+        or rows * n < gather
+        or len(args) != 2
+        or axes != tuple(range(ndim - nred, ndim))
+        or _block_size(n) is not None
+    ):
+        return 0
+    return rows // _GATHER_FRACTION
 
 
 def _sum_below(
     axes: tuple[int, ...],
     args: tuple[jax.Array, ...],
     need: jax.Array,
-    gather: bool,
+    budget: int,
 ) -> jax.Array:
-    """The sum of :func:`_below` over ``axes`` (kept), exact where ``need``, 0 elsewhere.
+    """The sum of :func:`_below` over ``axes`` (kept), exact where ``need``.
 
-    With ``gather`` (and no mask, trailing reduced axes, rows not blocked), when at most
-    ``1 / _GATHER_FRACTION`` of the rows need it, only those rows are gathered and summed: with
-    confident predictions a few rows in a batch are dominated by one logit, and summing them
-    alone saves most of a pass over the logits.
+    With ``budget > 0`` (see :func:`_gather_budget`; the caller has checked that at most
+    ``budget`` rows need it) only the rows that need it are gathered and summed, and the others
+    get 0: with confident predictions a few rows in a batch are dominated by one logit, and
+    summing them alone saves most of a pass over the logits. Otherwise every row is summed.
     """
-    x, m = args[0], args[1]
-    ndim, nred = x.ndim, len(axes)
-    n = math.prod(x.shape[a] for a in axes)
-    rows = math.prod(x.shape[: ndim - nred])
-    budget = rows // _GATHER_FRACTION
-    if (
-        not gather
-        or rows * n < _GATHER_MIN_SIZE
-        or len(args) != 2
-        or axes != tuple(range(ndim - nred, ndim))
-        or _block_size(n) is not None
-        or budget < 1
-    ):
+    if budget == 0:
         return _reduce("sum", _below, axes, *args)
-
-    def few(x: jax.Array, m: jax.Array, need: jax.Array) -> jax.Array:
-        flat = need.reshape(rows)
-        idx = jnp.nonzero(flat, size=budget, fill_value=rows)[0]
-        xs = x.reshape(rows, n).at[idx].get(mode="fill", fill_value=0)
-        ms = m.reshape(rows, 1).at[idx].get(mode="fill", fill_value=0)
-        part = _reduce("sum", _below, (1,), xs, ms)
-        t = jnp.zeros((rows, 1), part.dtype).at[idx].set(part, mode="drop")
-        return t.reshape(need.shape)
-
-    def every(x: jax.Array, m: jax.Array, need: jax.Array) -> jax.Array:
-        return _reduce("sum", _below, axes, x, m)
-
-    return lax.cond(jnp.sum(need) <= budget, few, every, x, m, need)
+    x, m = args
+    n = math.prod(x.shape[a] for a in axes)
+    rows = x.size // n
+    flat = need.reshape(rows)
+    idx = jnp.nonzero(flat, size=budget, fill_value=rows)[0]
+    xs = x.reshape(rows, n).at[idx].get(mode="fill", fill_value=0)
+    ms = m.reshape(rows, 1).at[idx].get(mode="fill", fill_value=0)
+    part = _reduce("sum", _below, (1,), xs, ms)
+    t = jnp.zeros((rows, 1), part.dtype).at[idx].set(part, mode="drop")
+    return t.reshape(need.shape)
 
 
 def _row_log_sum(
@@ -350,7 +362,7 @@ def _row_log_sum(
     mask: jax.Array | None,
     care: Callable[[jax.Array], jax.Array] | None = None,
     with_tiny: bool = False,
-    gather: bool = False,
+    gather: int | None = None,
 ) -> tuple[jax.Array, ...]:
     r"""Returns ``(m, L)`` with :math:`L = \log \sum_j e^{z_j}`, reduced axes kept.
 
@@ -371,8 +383,9 @@ def _row_log_sum(
     smallest normal float32 (there ``L = t`` is subnormal, and XLA:CPU flushes it to 0), else 0;
     :func:`_tiny_bits` turns it into the exact subnormal result.
 
-    ``gather`` (forward passes only: it costs a temporary of up to 1/8 of ``x``) lets the exact
-    pass read only the rows that need it (see :func:`_sum_below`).
+    ``gather`` (forward passes only: it costs a temporary of up to 1/8 of ``x``) is the least
+    number of entries from which the exact pass reads only the rows that need it, when they
+    are few (see :func:`_gather_budget`); None never gathers.
     """
     m, total = _sum_exp(axes, x, mask)
     args = (x, m) if mask is None else (x, m, mask)
@@ -382,10 +395,16 @@ def _row_log_sum(
     if care is not None:
         need = need & care(m)
 
+    budget = _gather_budget(axes, args, gather)
+
     def exact(
-        args: tuple[jax.Array, ...], need: jax.Array, total: jax.Array, base: jax.Array
+        budget: int,
+        args: tuple[jax.Array, ...],
+        need: jax.Array,
+        total: jax.Array,
+        base: jax.Array,
     ) -> tuple[jax.Array, jax.Array]:
-        t = _sum_below(axes, args, need, gather)
+        t = _sum_below(axes, args, need, budget)
         # k max entries (k = S - t, an integer up to rounding; 0 in a row with no entry).
         k = jnp.round(total - t)
         fixed = jnp.where(need, _log1p(t + jnp.maximum(k - 1, 0.0)), base)
@@ -415,7 +434,16 @@ def _row_log_sum(
     ) -> tuple[jax.Array, jax.Array]:
         return base, jnp.zeros_like(base)
 
-    fixed, t_tiny = lax.cond(jnp.any(need), exact, plain, args, need, total, base)
+    # One switch (not nested conds, which cost more at small shapes): no row needs the exact
+    # pass, more rows than the gather budget need it, or a few do.
+    operands = (args, need, total, base)
+    if budget:
+        index = jnp.any(need).astype(jnp.int32)
+        index = index + (jnp.any(need) & (jnp.sum(need) <= budget)).astype(jnp.int32)
+        branches = [plain, partial(exact, 0), partial(exact, budget)]
+        fixed, t_tiny = lax.switch(index, branches, *operands)
+    else:
+        fixed, t_tiny = lax.cond(jnp.any(need), partial(exact, 0), plain, *operands)
     log_sum = base + lax.stop_gradient(fixed - base)
     return (m, log_sum, t_tiny) if with_tiny else (m, log_sum)
 
@@ -674,7 +702,7 @@ def _log_softmax_from(
 def _log_softmax_core(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
-    m, log_sum, t_tiny = _row_log_sum(axes, x, mask, with_tiny=True, gather=True)
+    m, log_sum, t_tiny = _row_log_sum(axes, x, mask, with_tiny=True, gather=_GATHER_MIN_SIZE)
     # The output kernel reads x and the row statistics through a barrier: sharing an (N, V)
     # intermediate (z, or a broadcast of m) with the sums' kernel would materialise it.
     xo, mo, lo = lax.optimization_barrier((x, m, log_sum))
