@@ -14,6 +14,8 @@ Public names (imported by other test modules, keep them stable):
 * ``ulp_error(actual, expected, scale=None) -> np.ndarray``: ``|actual - expected|`` in ulps of
   ``actual``'s dtype at ``scale`` (default ``expected``)
 * ``DISTRIBUTIONS``: the accuracy targets' input distributions, ``name -> f(rng, shape)``
+* ``cond_branches(fn, *args) -> list[int]``: the branch counts of the conditionals in
+  ``jax.make_jaxpr(fn)(*args)`` (the one helper that looks at jax, not at numbers)
 
 ``axis`` is an int, a tuple of ints or None (every axis), as in ``jnp.sum``. Rows are treated with
 the same conventions as jaxlse: a row with no included entry (or only ``-inf``) has
@@ -29,7 +31,14 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-__all__ = ["ref_log_softmax", "ref_logsumexp", "ref_softmax", "ulp", "ulp_error"]
+__all__ = [
+    "cond_branches",
+    "ref_log_softmax",
+    "ref_logsumexp",
+    "ref_softmax",
+    "ulp",
+    "ulp_error",
+]
 
 
 def _f64(x: Any) -> np.ndarray:
@@ -194,3 +203,23 @@ DISTRIBUTIONS: dict[str, Callable[[np.random.Generator, tuple[int, ...]], np.nda
     "nearly_constant": lambda rng, shape: 1 + 1e-6 * rng.standard_normal(shape),
     "dominant_30": _dominant,
 }
+
+
+def cond_branches(fn: Callable[..., Any], *args: Any) -> list[int]:
+    """The number of branches of each ``cond`` in ``fn``'s jaxpr, nested ones included."""
+    import jax  # only here: the references above do not depend on jax
+
+    counts: list[int] = []
+
+    def walk(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "cond":
+                counts.append(len(eqn.params["branches"]))
+            for value in eqn.params.values():
+                for item in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(item, "jaxpr", None)
+                    if inner is not None:
+                        walk(getattr(inner, "jaxpr", inner))
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return counts

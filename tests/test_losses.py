@@ -35,7 +35,7 @@ import numpy as np
 import optax
 import pytest
 from helpers import DISTRIBUTIONS as SHARED_DISTRIBUTIONS
-from helpers import ref_log_softmax, ref_logsumexp, ref_softmax, ulp, ulp_error
+from helpers import cond_branches, ref_log_softmax, ref_logsumexp, ref_softmax, ulp, ulp_error
 from jax import lax
 from jax.test_util import check_grads
 
@@ -602,24 +602,58 @@ def test_accuracy_float32(record_property, dist, n):
 
 
 @pytest.mark.parametrize("on_max", [1, 4, 5, 37])
-def test_exact_pass_only_rows_that_need_it(on_max):
+@pytest.mark.parametrize("n", [300, 2000])
+def test_exact_pass_only_rows_that_need_it(on_max, n):
     """Rows whose label is the (dominant) max have tiny losses and take the exact pass; with at
-    most 1/8 of the batch (37 // 8 = 4) a forward call gathers just those rows. Every loss is
-    within the ulp bound either way, in a batch whose size 8 does not divide."""
+    most 1/8 of the batch (37 // 8 = 4) and at least 2**16 logits (37 rows of 2000) a forward
+    call gathers just those rows. Every loss is within the ulp bound either way, in a batch
+    whose size 8 does not divide."""
     rng = _rng(on_max)
-    rows, n = 37, 300
+    rows = 37
     x = rng.standard_normal((rows, n))
     top = rng.integers(0, n, rows)
-    x[np.arange(rows), top] += 20.0
+    x[np.arange(rows), top] += 25.0
     labels = rng.integers(0, n, rows)
     labels = np.where(labels == top, (labels + 1) % n, labels)
     which = rng.choice(rows, on_max, replace=False)
     labels[which] = top[which]
     x = x.astype(F32)
     labels = labels.astype(np.int32)
+    branches = cond_branches(lambda v, y: jaxlse.cross_entropy(v, y, reduction="none"), x, labels)
+    assert (3 in branches) == (n > 300)
     out = _ce_none(x, labels)
     ref = careful_ce_f64(x, labels)
     assert np.all(ref[which] < 1e-5)
+    err = ulp_error(out, ref)
+    assert err.max() <= ULP_BOUND, err.max()
+
+
+@pytest.mark.parametrize("n", [1000, 8192, 8193, 32768])
+@pytest.mark.parametrize(
+    "layout", ["rows", "one_example_at_a_time", "batches_of_one", "leading_axis_of_1"]
+)
+def test_small_losses_accurate_in_any_layout(layout, n):
+    """Correct predictions that dominate by 12 (losses from 0.02 to 1, sums of every term) are
+    within the bound for a plain batch, one example at a time (1-d logits and a scalar label,
+    or a batch of one) and a batch with a leading axis of size 1: XLA:CPU sums the last two in
+    a less accurate order, which jaxlse avoids (see test_lse's
+    test_log_softmax_accuracy_in_any_layout)."""
+    rng = _rng(n)
+    x = rng.standard_normal((64, n))
+    labels = rng.integers(0, n, 64).astype(np.int32)
+    x[np.arange(64), labels] = x.max(axis=1) + 12.0
+    x = x.astype(F32)
+    ref = careful_ce_f64(x, labels)
+    f = jax.jit(lambda v, y: jaxlse.cross_entropy(v, y, reduction="none"))
+    if layout == "rows":
+        out = np.asarray(f(x, labels))
+    elif layout == "one_example_at_a_time":
+        out = np.stack([np.asarray(f(x[i], labels[i])) for i in range(64)])
+    elif layout == "batches_of_one":
+        out = np.concatenate([np.asarray(f(x[i : i + 1], labels[i : i + 1])) for i in range(64)])
+    else:
+        out = np.asarray(f(x[None], labels[None]))[0]
+    assert out.shape == (64,)
     err = ulp_error(out, ref)
     assert err.max() <= ULP_BOUND, err.max()
 
