@@ -302,27 +302,34 @@ def _below(
     :math:`z_j < -55`: there ``z_j + c`` is exact (both are multiples of the spacing of
     ``z_j`` and the sum is below 64 in magnitude).
     """
-    z = _z(x, m, mask)
-    cd = z.dtype
-    big = jnp.finfo(cd).max
-    tiny = jnp.finfo(cd).tiny
-    mc = jnp.minimum(jnp.broadcast_to(m.astype(cd), z.shape), big)
-    # TwoSum of a = x (clamped so that infinite entries give a finite, unused error) and -mc.
+    # Its value only corrects L (under a stop_gradient): no derivative flows through it, and
+    # none is traced (the 2**k scaling below would overflow a tangent).
+    x, m = lax.stop_gradient(x), lax.stop_gradient(m)
+    cd = compute_dtype(x.dtype)
+    info = jnp.finfo(cd)
+    shape = np.broadcast_shapes(x.shape, m.shape)
+    mc = jnp.minimum(jnp.broadcast_to(m.astype(cd), shape), info.max)
+    # TwoSum of a = x (clamped to [mc - 2**100, mc], so that infinite entries give a finite,
+    # unused error) and b = -mc; s = a + b is z_j wherever its term is not 0, and 0 at the max.
     a = jnp.minimum(jnp.maximum(x.astype(cd), mc - 2.0**100), mc)
     b = -mc
     s = a + b
     bb = s - a
     err = (a - (s - bb)) + (b - bb)
     if mask is not None:
+        # Excluded entries may hold NaN: their term and its error are both set, to 0 and 0.
+        s = jnp.where(mask, s, -jnp.inf)
         err = jnp.where(mask, err, 0.0)
     if scaled:
         shift = np.asarray(_TINY_EXP * np.log(2.0), cd)
         ratio = np.asarray(np.exp(_TINY_EXP * np.log(2.0) - np.float64(shift)), cd)
-        e = jnp.exp(z + shift) * ratio
+        e = jnp.exp(s + shift) * ratio
     else:
-        e = jnp.exp(z)
-    # 1 where z < 0, 0 at the max (z = 0): |z| >= tiny whenever z != 0.
-    return (e + e * err) * jnp.minimum(z * (-1 / tiny), 1.0)
+        e = jnp.exp(s)
+    # 1 where s < 0, 0 at the max (s = 0): |s| >= tiny whenever s != 0 (a difference of two
+    # floats that is below tiny is subnormal, which XLA:CPU flushes to 0: a tie). Arithmetic,
+    # not a comparison, which would split XLA:CPU's fused reduction (measured 2.5x slower).
+    return (e + e * err) * jnp.minimum(s * (-1 / info.tiny), 1.0)
 
 
 def _log1p(t: jax.Array) -> jax.Array:
