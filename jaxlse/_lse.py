@@ -113,8 +113,9 @@ def _reduce(
     outer = shape[: ndim - nred]
     rows = math.prod(outer)
     per_row = [a.ndim == ndim and all(a.shape[i] == 1 for i in axes) for a in arrays]
-    if k is None and rows == 1 and op == "sum" and n >= 2 * _SPLIT_ONE_ROW:
-        return _sum_one_row(fn, arrays, per_row, shape, n).reshape(outer + (1,) * nred)
+    single = math.prod(shape) == n  # every axis that is not reduced has size 1
+    if k is None and single and op == "sum" and n >= 2 * _SPLIT_ONE_ROW:
+        return _sum_one_row(fn, arrays, per_row, shape, n).reshape((1,) * ndim)
     if k is None and (not trailing or (ndim == 2 and nred == 1)):
         return red(fn(*arrays), axis=axes, keepdims=True)
     if k is None:

@@ -770,6 +770,29 @@ def test_log_softmax_exact_pass_some_rows(rows, dominated, n):
         assert ulp_error(one, ref_log_softmax(x[i : i + 1])).max() <= ULP_BOUND[F32]
 
 
+# Shapes with axes of size 1 and reduced axes that are not trailing: the single-row and
+# (rows, n) paths of the sums must recognise which axes are rows.
+UNIT_AXIS_CASES = [
+    ((1, 40, 5), (0, 1)),
+    ((1, 40, 5), (1,)),
+    ((1, 40, 5), (0, 2)),
+    ((40, 1, 1), 0),
+    ((1, 40), None),
+    ((3, 1, 40), (1, 2)),
+    ((1, 1, 40), -1),
+]
+
+
+@pytest.mark.parametrize(("shape", "axis"), UNIT_AXIS_CASES, ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_axes_of_size_one_match_jax_nn(name, shape, axis):
+    x = _normal(shape, seed=11)
+    got = _call(name, x, axis)
+    want = getattr(jax.nn, name)(x, axis=axis)
+    assert got.shape == want.shape
+    chex.assert_trees_all_close(got, want, **TOL[F32])
+
+
 LAYOUTS = {
     "rows": lambda x: x,
     "one_row_at_a_time": None,
