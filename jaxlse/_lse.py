@@ -118,30 +118,28 @@ def _reduce(
         return _sum_one_row(fn, arrays, per_row, shape, n).reshape((1,) * ndim)
     if k is None and (not trailing or (ndim == 2 and nred == 1)):
         return red(fn(*arrays), axis=axes, keepdims=True)
+    # Trailing axes are reduced as a (rows, n) matrix: XLA:CPU sums other layouts, such as a
+    # batch with a leading axis of size 1, e.g. (1, N, V), in another order, measured several
+    # ulp less accurate than the same rows as (N, V). Per-row arrays become (rows, 1).
+    flat = [
+        jnp.broadcast_to(a, outer + (1,) * nred).reshape(rows, 1)
+        if p
+        else jnp.broadcast_to(a, shape).reshape(rows, n)
+        for a, p in zip(arrays, per_row, strict=True)
+    ]
     if k is None:
-        # Trailing axes of any other layout are reduced as a (rows, n) matrix: XLA:CPU sums a
-        # batch with a leading axis of size 1, e.g. (1, N, V), in another order, measured
-        # several ulp less accurate than the same rows as (N, V).
-        flat = [
-            jnp.broadcast_to(a, outer + (1,) * nred).reshape(rows, 1)
-            if p
-            else jnp.broadcast_to(a, shape).reshape(rows, n)
-            for a, p in zip(arrays, per_row, strict=True)
-        ]
         return red(fn(*flat), axis=1).reshape(outer + (1,) * nred)
     count = n // k
     full = lax.optimization_barrier(
-        tuple(jnp.broadcast_to(a, shape).reshape(rows * count, k)
-              for a, p in zip(arrays, per_row, strict=True) if not p)
+        tuple(a.reshape(rows * count, k) for a, p in zip(flat, per_row, strict=True) if not p)
     )
     full_iter = iter(full)
-    blocks = []
-    for a, p in zip(arrays, per_row, strict=True):
-        if p:
-            a = jnp.broadcast_to(a, outer + (1,) * nred).reshape(rows, 1, 1)
-            blocks.append(jnp.broadcast_to(a, (rows, count, 1)).reshape(rows * count, 1))
-        else:
-            blocks.append(next(full_iter))
+    blocks = [
+        jnp.broadcast_to(a[:, None], (rows, count, 1)).reshape(rows * count, 1)
+        if p
+        else next(full_iter)
+        for a, p in zip(flat, per_row, strict=True)
+    ]
     part = lax.optimization_barrier(red(fn(*blocks), axis=1))
     part = red(part.reshape(rows, count), axis=1)
     return part.reshape(outer + (1,) * nred)
@@ -468,8 +466,8 @@ def _exact_log_sum(
     # pass, more rows than the gather budget need it, or a few do.
     operands = (args, need, total, base)
     if budget:
-        index = jnp.any(need).astype(jnp.int32)
-        index = index + (jnp.any(need) & (jnp.sum(need) <= budget)).astype(jnp.int32)
+        some = jnp.any(need)
+        index = some.astype(jnp.int32) + (some & (jnp.sum(need) <= budget)).astype(jnp.int32)
         branches = [plain, partial(exact, 0), partial(exact, budget)]
         fixed, t_tiny = lax.switch(index, branches, *operands)
     else:
