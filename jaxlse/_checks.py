@@ -62,6 +62,16 @@ def as_float_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
     return arr
 
 
+def promoted_float(*args: ArrayLike) -> np.dtype:
+    """The floating dtype that ``args`` (already checked to be real and numeric) promote to.
+
+    JAX's promotion of the inputs as given (weak types included), then the default floating
+    dtype if that is boolean or integer, as ``jax.numpy`` promotes to an inexact dtype.
+    """
+    dtype = jnp.result_type(*(np.asarray(a) if isinstance(a, Sequence) else a for a in args))
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else default_float()
+
+
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype reductions run in: ``float32`` for 16-bit floats, else ``dtype`` itself."""
     return jnp.dtype(jnp.float32) if jnp.dtype(dtype) in _LOW_PRECISION else jnp.dtype(dtype)

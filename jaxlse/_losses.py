@@ -32,12 +32,12 @@ from jax.typing import ArrayLike
 
 from ._checks import as_float_array, compute_dtype
 from ._lse import (
-    _GATHER_MIN_SIZE_LOSS,
     _jit_core,
     _p,
     _patch_tiny,
     _reduce,
     _row_log_sum,
+    _take_last,
     _z,
 )
 
@@ -319,7 +319,7 @@ def _ce_row(
     """Per-example ``(m, L, lse)`` in dtype ``cd``, ``L = lse - m`` (see ``_row_log_sum``).
 
     ``with_tiny`` (the forward pass) appends the scaled subnormal ``t`` of
-    :func:`_row_log_sum`, whose exact pass may then gather the rows that need it.
+    :func:`_row_log_sum`.
 
     Classes are last. 16-bit ``x`` is converted inside each reduction rather than once up
     front: the max is exact in ``x``'s own dtype, and a single converted copy read by several
@@ -340,7 +340,6 @@ def _ce_row(
         None,
         care=care,
         with_tiny=with_tiny,
-        gather=_GATHER_MIN_SIZE_LOSS if with_tiny else None,
     )
     m = m.astype(cd)
     big = jnp.finfo(cd).max
@@ -351,7 +350,7 @@ def _ce_row(
 def _label_logit(x: jax.Array, labels: jax.Array, cd: jnp.dtype) -> jax.Array:
     """``x[..., y]`` in dtype ``cd`` (classes last, keeps the axis); class 0 for a bad label."""
     _, idx = _label_index(labels, x.shape[-1])
-    return jnp.take_along_axis(x, idx[..., None], axis=-1).astype(cd)
+    return _take_last(x, idx[..., None]).astype(cd)
 
 
 def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:

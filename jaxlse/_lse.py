@@ -35,6 +35,7 @@ from ._checks import (
     check_broadcasts_to,
     compute_dtype,
     normalize_axes,
+    promoted_float,
 )
 
 # The (..., n) input is touched with arithmetic only (subtract, exp, floor, maximum, minimum):
@@ -347,72 +348,88 @@ def _log1p(t: jax.Array) -> jax.Array:
 # few ulp off, which log(S) turns into up to ~26 ulp of a small L (measured for S in [1.1, 4]).
 # Above it, L >= log(8) = 2.08 and log(S) is within about 2 ulp.
 _EXACT_BELOW = 8.0
-# The exact pass of a forward call reads only the rows that need it when they are at most this
-# fraction of the rows (gathered into a temporary), and every row otherwise.
-_GATHER_FRACTION = 8
-# Below this many entries a pass over every row is cheaper than choosing and gathering rows
-# (for log_softmax, whose peaked rows at small shapes mostly need the pass, so that the
-# three-way choice costs more than it saves). The losses' exact pass is limited to rows whose
-# label is near the max, usually a few, and gathers from _GATHER_MIN_SIZE_LOSS on.
-_GATHER_MIN_SIZE = 1 << 20
-_GATHER_MIN_SIZE_LOSS = 1 << 16
+# The exact pass reads only the rows that need it when they are at most 1/_FEW_FRACTION of the
+# rows: with confident predictions a few rows of a batch are dominated by one logit (and the
+# losses' pass is limited to rows whose label is near the max, usually none or one), and summing
+# them alone saves most of a pass over the logits. Beyond that fraction every row is read.
+_FEW_FRACTION = 8
 
 
-def _gather_budget(
-    axes: tuple[int, ...], args: tuple[jax.Array, ...], gather: int | None
-) -> int:
-    """How many rows the exact pass may gather (0: it reads every row).
+def _few_budget(axes: tuple[int, ...], args: tuple[jax.Array, ...]) -> int:
+    """How many rows the exact pass may read alone (0: it reads every row).
 
-    Gathering needs ``gather`` (the least number of entries worth it), no mask, trailing
-    reduced axes and rows that are not cut into blocks; the budget is ``1 / _GATHER_FRACTION``
-    of the rows.
+    Needs no mask, trailing reduced axes and at least ``_FEW_FRACTION`` rows.
     """
     x = args[0]
     ndim, nred = x.ndim, len(axes)
-    n = math.prod(x.shape[a] for a in axes)
     rows = math.prod(x.shape[: ndim - nred])
-    if (
-        gather is None
-        or rows * n < gather
-        or len(args) != 2
-        or axes != tuple(range(ndim - nred, ndim))
-        or _block_size(n) is not None
-    ):
+    if len(args) != 2 or axes != tuple(range(ndim - nred, ndim)):
         return 0
-    return rows // _GATHER_FRACTION
+    return rows // _FEW_FRACTION
 
 
 def _sum_below(
-    axes: tuple[int, ...],
-    args: tuple[jax.Array, ...],
-    need: jax.Array,
-    budget: int,
+    axes: tuple[int, ...], args: tuple[jax.Array, ...], need: jax.Array, budget: int
 ) -> jax.Array:
     """The sum of :func:`_below` over ``axes`` (kept), exact where ``need``.
 
-    With ``budget > 0`` (see :func:`_gather_budget`; the caller has checked that at most
-    ``budget`` rows need it) only the rows that need it are gathered and summed, and the others
-    get 0: with confident predictions a few rows in a batch are dominated by one logit, and
-    summing them alone saves most of a pass over the logits. Otherwise every row is summed.
+    With ``budget == 0`` every row is summed. Otherwise (see :func:`_few_budget`; the caller has
+    checked that at most ``budget`` rows need it) only the rows that need it are summed, and
+    the others get 0. float32 and float64 rows are summed one at a time in a loop, which keeps
+    no temporary, so that the rules' backward passes may use it too. 16-bit rows are gathered
+    into a (budget, n) temporary (1/8 of ``x`` at most) and summed together: XLA:CPU runs a
+    16-bit slice inside a loop in float32, converting the whole of ``x`` once, outside the
+    loop, which would cost a full float32 copy. A single row is summed as :func:`_reduce` sums
+    one, as accurately as a batch of rows.
     """
     if budget == 0:
         return _reduce("sum", _below, axes, *args)
     x, m = args
     n = math.prod(x.shape[a] for a in axes)
     rows = x.size // n
-    flat = need.reshape(rows)
-    idx = jnp.nonzero(flat, size=budget, fill_value=rows)[0]
-    xs = x.reshape(rows, n).at[idx].get(mode="fill", fill_value=0)
-    ms = m.reshape(rows, 1).at[idx].get(mode="fill", fill_value=0)
-    part = _reduce("sum", _below, (1,), xs, ms)
-    t = jnp.zeros((rows, 1), part.dtype).at[idx].set(part, mode="drop")
-    return t.reshape(need.shape)
+    x, m, flat = x.reshape(rows, n), m.reshape(rows, 1), need.reshape(rows)
+    zeros = jnp.zeros((rows, 1), compute_dtype(x.dtype))
+    if jnp.dtype(x.dtype).itemsize == 2:
+        idx = jnp.nonzero(flat, size=budget, fill_value=rows)[0]
+        xs = x.at[idx].get(mode="fill", fill_value=0)
+        ms = m.at[idx].get(mode="fill", fill_value=0)
+        t = zeros.at[idx].set(_reduce("sum", _below, (1,), xs, ms), mode="drop")
+        return t.reshape(need.shape)
+    idx = jnp.nonzero(flat, size=budget, fill_value=0)[0]
+
+    def add_row(i: jax.Array, t: jax.Array) -> jax.Array:
+        r = idx[i]
+        xr, mr = lax.dynamic_slice_in_dim(x, r, 1), lax.dynamic_slice_in_dim(m, r, 1)
+        return lax.dynamic_update_slice_in_dim(t, _reduce("sum", _below, (1,), xr, mr), r, 0)
+
+    count = jnp.minimum(jnp.sum(flat, dtype=jnp.int32), budget)
+    return lax.fori_loop(0, count, add_row, zeros).reshape(need.shape)
+
+
+@jax.custom_jvp
+def _take_last(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """``jnp.take_along_axis(x, idx, axis=-1)``, differentiated as it is.
+
+    16-bit floats are gathered as unsigned integers of the same width: XLA:CPU rewrites a
+    16-bit gather followed by a conversion to float32 as a gather from a float32 copy of the
+    whole of ``x``, which it then shares with the other kernels that convert ``x`` and
+    materialises (a full float32 copy, measured for cross_entropy's label logits).
+    """
+    if jnp.dtype(x.dtype).itemsize != 2:
+        return jnp.take_along_axis(x, idx, axis=-1)
+    bits = jnp.take_along_axis(lax.bitcast_convert_type(x, jnp.uint16), idx, axis=-1)
+    return lax.bitcast_convert_type(bits, x.dtype)
+
+
+@_take_last.defjvp
+def _take_last_jvp(primals, tangents):
+    (x, idx), (x_dot, _) = primals, tangents
+    return _take_last(x, idx), jnp.take_along_axis(x_dot, idx, axis=-1)
 
 
 def _exact_log_sum(
     axes: tuple[int, ...],
     with_tiny: bool,
-    gather: int | None,
     nargs: int,
     *ops: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
@@ -423,7 +440,7 @@ def _exact_log_sum(
     """
     args, (need, total, base) = ops[:nargs], ops[nargs:]
     tiny = jnp.finfo(total.dtype).tiny
-    budget = _gather_budget(axes, args, gather)
+    budget = _few_budget(axes, args)
 
     def exact(
         budget: int,
@@ -463,16 +480,13 @@ def _exact_log_sum(
         return base, jnp.zeros_like(base)
 
     # One switch (not nested conds, which cost more at small shapes): no row needs the exact
-    # pass, more rows than the gather budget need it, or a few do.
+    # pass, a few do (a loop over them), or more do (a pass over every row).
     operands = (args, need, total, base)
-    if budget:
-        some = jnp.any(need)
-        index = some.astype(jnp.int32) + (some & (jnp.sum(need) <= budget)).astype(jnp.int32)
-        branches = [plain, partial(exact, 0), partial(exact, budget)]
-        fixed, t_tiny = lax.switch(index, branches, *operands)
-    else:
-        fixed, t_tiny = lax.cond(jnp.any(need), partial(exact, 0), plain, *operands)
-    return fixed, t_tiny
+    if not budget:
+        return lax.cond(jnp.any(need), partial(exact, 0), plain, *operands)
+    count = jnp.sum(need, dtype=jnp.int32)
+    index = (count > 0).astype(jnp.int32) + (count > budget).astype(jnp.int32)
+    return lax.switch(index, [plain, partial(exact, budget), partial(exact, 0)], *operands)
 
 
 @functools.cache
@@ -512,7 +526,6 @@ def _row_log_sum(
     mask: jax.Array | None,
     care: Callable[[jax.Array], jax.Array] | None = None,
     with_tiny: bool = False,
-    gather: int | None = None,
 ) -> tuple[jax.Array, ...]:
     r"""Returns ``(m, L)`` with :math:`L = \log \sum_j e^{z_j}`, reduced axes kept.
 
@@ -523,7 +536,8 @@ def _row_log_sum(
     :math:`S < 8` (``_EXACT_BELOW``), :math:`L = \operatorname{log1p}(t + k - 1)` with
     :math:`t = \sum_{j:\, z_j < 0} e^{z_j}` summed directly (see :func:`_below`) and
     :math:`k = \operatorname{round}(S - t)` the number of max entries. That second pass runs
-    (under ``lax.cond``) only when some row needs it, and it shares nothing with the first:
+    (under ``lax.switch``) only when some row needs it, over those rows alone when they are few
+    (see :func:`_few_budget`), and it shares nothing with the first:
     XLA:CPU materialises (N, V) intermediates that two reductions share. ``care(m)``, if given,
     marks the rows (reduced axes kept) whose ``L`` needs relative accuracy; the others keep
     ``log(S)``, accurate to a few ulp of 1. ``L`` is 0 for a row with no entry. Its derivative
@@ -532,10 +546,6 @@ def _row_log_sum(
     ``with_tiny`` also returns ``T``: :math:`t \\cdot 2^{92}` for the rows whose ``t`` is below the
     smallest normal float32 (there ``L = t`` is subnormal, and XLA:CPU flushes it to 0), else 0;
     :func:`_tiny_bits` turns it into the exact subnormal result.
-
-    ``gather`` (forward passes only: it costs a temporary of up to 1/8 of ``x``) is the least
-    number of entries from which the exact pass reads only the rows that need it, when they
-    are few (see :func:`_gather_budget`); None never gathers.
     """
     m, total = _sum_exp(axes, x, mask)
     args = (x, m) if mask is None else (x, m, mask)
@@ -548,7 +558,7 @@ def _row_log_sum(
     # The exact pass only corrects L (under a stop_gradient): its inputs are held constant,
     # which also keeps autodiff out of its vmap rule (see _batch_whole).
     ops = tuple(lax.stop_gradient(o) for o in (*args, need, total, base))
-    fixed, t_tiny = _batch_whole(_exact_log_sum, axes, with_tiny, gather, len(args))(*ops)
+    fixed, t_tiny = _batch_whole(_exact_log_sum, axes, with_tiny, len(args))(*ops)
     log_sum = base + lax.stop_gradient(fixed - base)
     return (m, log_sum, t_tiny) if with_tiny else (m, log_sum)
 
@@ -764,7 +774,10 @@ def logsumexp(
     if b is not None:
         b_arr = as_float_array(fn, "b", b)
         check_broadcasts_to(fn, "b", b_arr, x.shape)
-        out_dtype = jnp.result_type(x, b_arr)
+        # Promoted as jax.nn does, from the inputs as given: an integer `a` with a float16 `b`
+        # gives float16.
+        out_dtype = promoted_float(a, b)
+        x = x.astype(out_dtype)
         b_arr = jnp.broadcast_to(b_arr.astype(compute_dtype(out_dtype)), x.shape)
     else:
         b_arr = None
@@ -807,7 +820,7 @@ def _log_softmax_from(
 def _log_softmax_core(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
-    m, log_sum, t_tiny = _row_log_sum(axes, x, mask, with_tiny=True, gather=_GATHER_MIN_SIZE)
+    m, log_sum, t_tiny = _row_log_sum(axes, x, mask, with_tiny=True)
     # The output kernel reads x and the row statistics through a barrier: sharing an (N, V)
     # intermediate (z, or a broadcast of m) with the sums' kernel would materialise it.
     xo, mo, lo = lax.optimization_barrier((x, m, log_sum))

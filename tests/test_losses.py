@@ -604,10 +604,11 @@ def test_accuracy_float32(record_property, dist, n):
 @pytest.mark.parametrize("on_max", [1, 4, 5, 37])
 @pytest.mark.parametrize("n", [300, 2000])
 def test_exact_pass_only_rows_that_need_it(on_max, n):
-    """Rows whose label is the (dominant) max have tiny losses and take the exact pass; with at
-    most 1/8 of the batch (37 // 8 = 4) and at least 2**16 logits (37 rows of 2000) a forward
-    call gathers just those rows. Every loss is within the ulp bound either way, in a batch
-    whose size 8 does not divide."""
+    """Rows whose label is the (dominant) max have tiny losses and take the exact pass, which
+    sums just those rows one at a time when they are at most 1/8 of the batch (37 // 8 = 4),
+    and every row otherwise. Every loss is within the ulp bound either way, in the forward pass
+    and in the custom JVP rule (value_and_grad's value), in a batch whose size 8 does not
+    divide."""
     rng = _rng(on_max)
     rows = 37
     x = rng.standard_normal((rows, n))
@@ -620,12 +621,21 @@ def test_exact_pass_only_rows_that_need_it(on_max, n):
     x = x.astype(F32)
     labels = labels.astype(np.int32)
     branches = cond_branches(lambda v, y: jaxlse.cross_entropy(v, y, reduction="none"), x, labels)
-    assert (3 in branches) == (n > 300)
+    assert 3 in branches  # no row, a few rows, every row
     out = _ce_none(x, labels)
     ref = careful_ce_f64(x, labels)
     assert np.all(ref[which] < 1e-5)
     err = ulp_error(out, ref)
     assert err.max() <= ULP_BOUND, err.max()
+
+    def total(v):
+        out = jaxlse.cross_entropy(v, labels, reduction="none")
+        return jnp.sum(out), out
+
+    (_, out_rule), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(x)
+    assert ulp_error(out_rule, ref).max() <= ULP_BOUND
+    onehot = np.eye(n)[labels]
+    np.testing.assert_allclose(grad, np.exp(ref_log_softmax(x)) - onehot, atol=1e-6)
 
 
 @pytest.mark.parametrize("n", [1000, 8192, 8193, 32768])

@@ -741,30 +741,41 @@ def _dominated_batch(rows: int, n: int, dominated: int, seed: int) -> np.ndarray
     return x.astype(np.float32)
 
 
-# (rows, dominated): the exact pass of a forward call gathers the rows that need it when they
-# are at most 1/8 of the batch (37 // 8 = 4 here) and the batch holds at least 2**20 entries
-# (37 rows of 28400), and reads every row otherwise; row counts that 8 does not divide, short
-# rows that never gather, and tuple axes over a 3-d batch.
-GATHER_CASES = [(37, 1), (37, 4), (37, 5), (37, 37), (8, 1), (7, 1)]
+# (rows, dominated): the exact pass sums the rows that need it one at a time when they are at
+# most 1/8 of the batch (37 // 8 = 4 here), and reads every row otherwise; row counts that 8
+# does not divide, and batches of fewer than 8 rows, which never loop.
+FEW_ROWS_CASES = [(37, 1), (37, 4), (37, 5), (37, 37), (8, 1), (7, 1)]
 
 
-@pytest.mark.parametrize(("rows", "dominated"), GATHER_CASES, ids=str)
+@pytest.mark.parametrize(("rows", "dominated"), FEW_ROWS_CASES, ids=str)
 @pytest.mark.parametrize("n", [300, 28400])
 def test_log_softmax_exact_pass_some_rows(rows, dominated, n):
     """Dominated rows (tiny log-probability at the max) are exact whichever way the exact pass
-    reads them (gathered or all rows), as are the others."""
+    reads them (one at a time or all rows), as are the others; in the forward pass, in the
+    custom JVP rule (value_and_grad's value), with a leading batch axis and one row at a
+    time."""
     if n > 300 and rows < 37:
-        pytest.skip("a batch of 8 rows or fewer has no gather budget")
+        pytest.skip("the long rows are only for the batch of 37")
     x = _dominated_batch(rows, n, dominated, seed=rows + dominated)
-    # The three-way choice (no row, every row, gathered rows) exists only for large batches.
-    assert (3 in cond_branches(jaxlse.log_softmax, x)) == (n > 300)
+    ref = ref_log_softmax(x)
+    # The three-way choice (no row, a few rows, every row) exists from 8 rows on.
+    assert (3 in cond_branches(jaxlse.log_softmax, x)) == (rows >= 8)
     out = jax.jit(jaxlse.log_softmax)(jnp.asarray(x))
-    err = ulp_error(out, ref_log_softmax(x))
+    err = ulp_error(out, ref)
     assert err.max() <= ULP_BOUND[F32], err.max()
-    # with a leading batch axis, and one row at a time
+    t = jnp.asarray(np.random.default_rng(rows).standard_normal(x.shape), F32)
+
+    def loss(v):
+        out = jaxlse.log_softmax(v)
+        return jnp.sum(out * t), out
+
+    (_, out_rule), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(jnp.asarray(x))
+    assert ulp_error(out_rule, ref).max() <= ULP_BOUND[F32]
+    want = t - np.exp(ref) * np.sum(np.asarray(t, np.float64), axis=-1, keepdims=True)
+    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-5)
     x3 = x.reshape(1, rows, n)
     out3 = jax.jit(jaxlse.log_softmax)(jnp.asarray(x3))
-    assert ulp_error(out3[0], ref_log_softmax(x)).max() <= ULP_BOUND[F32]
+    assert ulp_error(out3[0], ref).max() <= ULP_BOUND[F32]
     for i in (0, rows - 1):
         one = jaxlse.log_softmax(jnp.asarray(x[i : i + 1]))
         assert ulp_error(one, ref_log_softmax(x[i : i + 1])).max() <= ULP_BOUND[F32]
