@@ -125,8 +125,37 @@ def check_broadcasts_to(fn: str, name: str, arr: jax.Array, shape: tuple[int, ..
         )
 
 
-def as_mask(fn: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
+def broadcast_input(fn: str, x: jax.Array, **others: ArrayLike | None) -> jax.Array:
+    """``x`` broadcast to its common shape with ``others`` (those that are not None).
+
+    As in :func:`jax.nn.logsumexp` and :func:`jax.nn.softmax`, ``b`` and ``where`` broadcast
+    with the input rather than to it: a ``where`` of shape (2, 3) with an input of shape (3,)
+    gives a (2, 3) result.
+
+    Raises:
+      ValueError: if one of ``others`` does not broadcast with ``x``; the message names it.
+    """
+    shape = tuple(x.shape)
+    for name, other in others.items():
+        if other is None:
+            continue
+        try:
+            shape = tuple(np.broadcast_shapes(shape, np.shape(other)))
+        except ValueError:
+            raise ValueError(
+                f"{fn}: `{name}` of shape {tuple(np.shape(other))} does not broadcast with the "
+                f"input's shape {tuple(x.shape)}"
+            ) from None
+    return x if shape == tuple(x.shape) else jnp.broadcast_to(x, shape)
+
+
+def as_mask(
+    fn: str, where: ArrayLike | None, shape: tuple[int, ...] | None
+) -> jax.Array | None:
     """Converts ``where`` to a boolean array that broadcasts to ``shape`` (or keeps ``None``).
+
+    With ``shape=None`` it only converts (for a caller that broadcasts the input with the mask
+    first, see :func:`broadcast_input`); otherwise the mask gets the rank of ``shape``.
 
     Raises:
       TypeError: if ``where`` is not numeric or boolean.
@@ -140,7 +169,9 @@ def as_mask(fn: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Arr
         raise TypeError(f"{fn}: `where` must be a boolean array ({err})") from None
     if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.number)):
         raise TypeError(f"{fn}: `where` must be a boolean array, got dtype {mask.dtype}")
-    check_broadcasts_to(fn, "where", mask, shape)
     mask = mask if mask.dtype == jnp.bool_ else mask != 0
+    if shape is None:
+        return mask
+    check_broadcasts_to(fn, "where", mask, shape)
     # Same rank as the input, so the library never relies on implicit rank promotion.
     return mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)

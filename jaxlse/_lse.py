@@ -32,7 +32,7 @@ from ._checks import (
     Axis,
     as_float_array,
     as_mask,
-    check_broadcasts_to,
+    broadcast_input,
     compute_dtype,
     normalize_axes,
     promoted_float,
@@ -611,6 +611,8 @@ def _normalize(
 ) -> jax.Array:
     """The shared body of log_softmax and softmax: checks, the jitted core, the output dtype."""
     arr = as_float_array(fn, "x", x)
+    where = as_mask(fn, where, None)
+    arr = broadcast_input(fn, arr, where=where)
     mask = as_mask(fn, where, arr.shape)
     axes = normalize_axes(fn, axis, arr.ndim)
     return _jit_core(core)(axes, arr, mask).astype(arr.dtype)
@@ -738,13 +740,13 @@ def logsumexp(
       a: input array of real numbers. Booleans and integers promote to the default float dtype.
         Complex input raises :class:`TypeError` (:func:`jax.nn.logsumexp` accepts it).
       axis: int, tuple of ints, or None (every axis) to reduce over.
-      b: scale factors for :math:`e^{a_i}`, broadcastable to ``a``'s shape. Entries with
-        :math:`b_i = 0` add nothing to the value, but their derivative with respect to ``b``
-        is :math:`e^{a_i - \text{result}}`.
+      b: scale factors for :math:`e^{a_i}`, broadcast with ``a`` (as in jax.nn, a larger ``b``
+        gives a result of the common shape). Entries with :math:`b_i = 0` add nothing to the
+        value, but their derivative with respect to ``b`` is :math:`e^{a_i - \text{result}}`.
       keepdims: keep the reduced axes with size 1.
       return_sign: also return the sign of the sum. Without it, a negative sum gives NaN.
-      where: boolean mask broadcastable to ``a``'s shape; excluded entries take no part in the
-        value or any derivative, even if they hold ``inf`` or NaN.
+      where: boolean mask that broadcasts with ``a``, like ``b``; excluded entries take no
+        part in the value or any derivative, even if they hold ``inf`` or NaN.
 
     Returns:
       The reduction, of ``a``'s shape without (or with size-1, if ``keepdims``) the reduced
@@ -756,7 +758,7 @@ def logsumexp(
     Raises:
       TypeError: if ``a`` or ``b`` is not a real numeric array, or ``axis`` is not an integer.
       ValueError: if ``axis`` is out of range or repeated, or ``b`` or ``where`` does not
-        broadcast to ``a``'s shape.
+        broadcast with ``a``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -771,16 +773,16 @@ def logsumexp(
     """
     fn = "logsumexp"
     x = as_float_array(fn, "a", a)
-    if b is not None:
-        b_arr = as_float_array(fn, "b", b)
-        check_broadcasts_to(fn, "b", b_arr, x.shape)
+    b_arr = None if b is None else as_float_array(fn, "b", b)
+    where = as_mask(fn, where, None)
+    x = broadcast_input(fn, x, b=b_arr, where=where)
+    if b_arr is not None:
         # Promoted as jax.nn does, from the inputs as given: an integer `a` with a float16 `b`
         # gives float16.
         out_dtype = promoted_float(a, b)
         x = x.astype(out_dtype)
         b_arr = jnp.broadcast_to(b_arr.astype(compute_dtype(out_dtype)), x.shape)
     else:
-        b_arr = None
         out_dtype = x.dtype
     mask = as_mask(fn, where, x.shape)
     axes = normalize_axes(fn, axis, x.ndim)
@@ -917,7 +919,8 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
       x: input array of real numbers (booleans and integers promote to the default float dtype;
         complex input raises :class:`TypeError`).
       axis: int, tuple of ints, or None (every axis) along which to normalise.
-      where: boolean mask broadcastable to ``x``'s shape. Excluded entries give ``-inf`` and take
+      where: boolean mask that broadcasts with ``x`` (a larger one gives a result of the
+        common shape, as in jax.nn). Excluded entries give ``-inf`` and take
         no part in the value or any derivative of the others.
 
     Returns:
@@ -1020,7 +1023,8 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
       x: input array of real numbers (booleans and integers promote to the default float dtype;
         complex input raises :class:`TypeError`).
       axis: int, tuple of ints, or None (every axis) along which to normalise.
-      where: boolean mask broadcastable to ``x``'s shape. Excluded entries give 0 and take no part
+      where: boolean mask that broadcasts with ``x`` (a larger one gives a result of the
+        common shape, as in jax.nn). Excluded entries give 0 and take no part
         in the value or any derivative.
 
     Returns:

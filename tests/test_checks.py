@@ -145,6 +145,27 @@ def test_check_broadcasts_to_rejects(shape):
         _checks.check_broadcasts_to("fn", "b", jnp.zeros(shape), (3, 4))
 
 
+@pytest.mark.parametrize(
+    ("shape", "others", "want"),
+    [
+        ((3, 4), {}, (3, 4)),
+        ((3, 4), {"b": np.ones(4), "where": None}, (3, 4)),
+        ((4,), {"where": np.ones((2, 1), bool)}, (2, 4)),
+        ((3, 1), {"b": np.ones((2, 1, 5)), "where": np.ones(5, bool)}, (2, 3, 5)),
+    ],
+    ids=str,
+)
+def test_broadcast_input(shape, others, want):
+    out = _checks.broadcast_input("fn", jnp.zeros(shape), **others)
+    assert out.shape == want
+
+
+def test_broadcast_input_names_the_argument():
+    message = "fn: `where` of shape (3,) does not broadcast with the input's shape (2, 4)"
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        _checks.broadcast_input("fn", jnp.zeros((2, 4)), b=np.ones(4), where=np.ones(3))
+
+
 def test_as_mask_none():
     assert _checks.as_mask("fn", None, (3, 4)) is None
 
