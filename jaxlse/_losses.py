@@ -315,6 +315,7 @@ def _ce_row(
     cd: jnp.dtype,
     x_y: jax.Array | None = None,
     with_tiny: bool = False,
+    keep_exp: bool = False,
 ) -> tuple[jax.Array, ...]:
     """Per-example ``(m, L, lse)`` in dtype ``cd``, ``L = lse - m`` (see ``_row_log_sum``).
 
@@ -334,17 +335,13 @@ def _ce_row(
         def care(m: jax.Array) -> jax.Array:
             return _z(x_y, m) > -0.5
 
-    m, log_sum, *t_tiny = _row_log_sum(
-        (x.ndim - 1,),
-        x,
-        None,
-        care=care,
-        with_tiny=with_tiny,
+    m, log_sum, *extra = _row_log_sum(
+        (x.ndim - 1,), x, None, care=care, with_tiny=with_tiny, keep_exp=keep_exp
     )
     m = m.astype(cd)
     big = jnp.finfo(cd).max
     lse = jnp.where(m == jnp.inf, jnp.inf, jnp.minimum(m, big) + log_sum)
-    return (m, log_sum, lse, *t_tiny)
+    return (m, log_sum, lse, *extra)
 
 
 def _label_logit(x: jax.Array, labels: jax.Array, cd: jnp.dtype) -> jax.Array:
@@ -373,6 +370,11 @@ def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:
         return jnp.where(ww == 0, 0.0, ww * -_z(v.astype(mm.dtype), mm))
 
     return _reduce("sum", term, axes, x, m, tw)
+
+
+# float32 and float64 logits of at most this many entries keep exp(z) for the backward pass
+# (see _ce_jvp).
+_KEEP_EXP_MAX = 1 << 20
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -458,44 +460,66 @@ def _ce_loss(
 def _ce_jvp(soft, smoothing, primals, tangents):
     x, labels, weight, eps, zeta, counted = primals
     x_dot = tangents[0]
-    # d loss / dx = (A + 2 zeta s lse) p - B. p = exp(z - L) is rebuilt from x and the per-row
-    # statistics, so nothing of size (N, V) is kept for the backward pass. The statistics read
-    # x through one optimization barrier and p (in _p) through another, so XLA shares no (N, V)
-    # intermediate between their kernels (for 16-bit logits, a float32 copy of x, which it
-    # would materialise). m is held constant and L = log(sum exp z) is differentiable, so
-    # higher derivatives stay exact. Rows that do not count get exactly 0 (a select, not a
-    # product, so NaN or inf in them cannot leak); a counted row with a bad label gets NaN.
+    # d loss / dx = (A + 2 zeta s lse) p - B. For large logits p = exp(z - L) is rebuilt from
+    # x and the per-row statistics, so nothing of size (N, V) is kept for the backward pass.
+    # The statistics read x through one optimization barrier and p (in _p) through another,
+    # so XLA shares no (N, V) intermediate between their kernels (for 16-bit logits, a float32
+    # copy of x, which it would materialise). Small float32 and float64 logits (at most
+    # _KEEP_EXP_MAX entries, which stay in cache) instead keep e = exp(z), from which both
+    # the sum and p = e exp(-L) are formed: one exp per entry instead of two (measured 1.5x
+    # faster at (256, 1000)), and e's buffer becomes the gradient's, so no temporary either.
+    # m is held constant and L = log(sum exp z) is differentiable, so higher derivatives stay
+    # exact. Rows that do not count get exactly 0 (a select, not a product, so NaN or inf in
+    # them cannot leak); a counted row with a bad label gets NaN.
     num_classes, cd = x.shape[-1], eps.dtype
     x_y = None if soft else _label_logit(x, labels, cd)
-    m, log_sum, lse = _ce_row(lax.optimization_barrier(x), cd, x_y=x_y)
+    keep = jnp.dtype(x.dtype).itemsize >= 4 and x.size <= _KEEP_EXP_MAX
+    m, log_sum, lse, *e = _ce_row(lax.optimization_barrier(x), cd, x_y=x_y, keep_exp=keep)
     out = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
-    p = _p(x, m, log_sum)
+
+    def prob(scale: jax.Array) -> jax.Array:
+        """``scale * p`` (``scale`` per row)."""
+        return e[0] * (scale * jnp.exp(-log_sum)) if keep else _p(x, m, log_sum, scale=scale)
+
     if soft:
         q = labels * (1 - eps) + eps / num_classes
         b = q if weight is None else q * _row(weight, q.ndim)
         a = jnp.sum(b, axis=-1, keepdims=True)
-        g = (a + jnp.where(zeta > 0, 2 * zeta * lse, 0.0)) * p - b
-        bad = None
-    else:
-        valid, idx = _label_index(labels, num_classes)
-        idx = idx[..., None]
-        wy = jnp.asarray(1, cd) if weight is None else weight[idx]
-        onehot = (_row(jnp.arange(num_classes, dtype=idx.dtype), x.ndim) == idx).astype(cd)
-        a = (1 - eps) * wy
-        b = a * onehot
-        if smoothing:
-            if weight is None:
-                a = a + eps
-                b = b + eps / num_classes
-            else:
-                a = a + eps / num_classes * jnp.sum(weight)
-                b = b + _row(eps / num_classes * weight, x.ndim)
-        g = (a + jnp.where(zeta > 0, 2 * zeta * wy * lse, 0.0)) * p - b
-        bad = jnp.logical_not(valid)[..., None]
-    if bad is not None:
-        g = jnp.where(bad, jnp.nan, g)
+        g = prob(a + jnp.where(zeta > 0, 2 * zeta * lse, 0.0)) - b
+        g = jnp.where(counted[..., None], g, 0.0)
+        return out, jnp.sum(g * x_dot.astype(cd), axis=-1).astype(out.dtype)
+    # Integer labels: d loss = sum_c (A p_c - s_c) dx_c - coef dx_y. The label's term is a
+    # gather of the tangent rather than a one-hot (N, V) term, so that the (N, V) kernel is
+    # exp, two subtractions and a product per entry (its transpose adds the label's term with
+    # a scatter into the gradient, in place). The per-example factors are formed per row; a
+    # bad label makes A, and so its whole gradient row, NaN.
+    valid, idx = _label_index(labels, num_classes)
+    idx = idx[..., None]
+    wy = jnp.asarray(1, cd) if weight is None else weight[idx]
+    coef = (1 - eps) * wy
+    a = coef
+    smooth = None
+    if smoothing:
+        if weight is None:
+            a = a + eps
+            smooth = eps / num_classes
+        else:
+            a = a + eps / num_classes * jnp.sum(weight)
+            smooth = _row(eps / num_classes * weight, x.ndim)
+    a = a + jnp.where(zeta > 0, 2 * zeta * wy * lse, 0.0)
+    g = prob(jnp.where(valid[..., None], a, jnp.nan))
+    g = g if smooth is None else g - smooth
     g = jnp.where(counted[..., None], g, 0.0)
-    return out, jnp.sum(g * x_dot.astype(cd), axis=-1).astype(out.dtype)
+    coef = jnp.where(counted[..., None], coef, 0.0)
+    if jnp.dtype(x.dtype).itemsize == 2:
+        # 16-bit logits keep the one-hot term in the (N, V) kernel: XLA:CPU adds a scatter to a
+        # 16-bit array in float32, which would materialise a float32 gradient.
+        onehot = (_row(jnp.arange(num_classes, dtype=idx.dtype), x.ndim) == idx).astype(cd)
+        g = g - coef * onehot
+        return out, jnp.sum(g * x_dot.astype(cd), axis=-1).astype(out.dtype)
+    x_dot = x_dot.astype(cd)
+    label_dot = coef * jnp.take_along_axis(x_dot, idx, axis=-1)
+    return out, (jnp.sum(g * x_dot, axis=-1) - label_dot[..., 0]).astype(out.dtype)
 
 
 def cross_entropy(
