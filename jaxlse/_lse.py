@@ -356,6 +356,22 @@ def _log1p(t: jax.Array) -> jax.Array:
 # few ulp off, which log(S) turns into up to ~26 ulp of a small L (measured for S in [1.1, 4]).
 # Above it, L >= log(8) = 2.08 and log(S) is within about 2 ulp.
 _EXACT_BELOW = 8.0
+
+
+def _exact_below(out_dtype: jnp.dtype) -> float:
+    """The ``S`` below which a row's ``L`` needs the exact pass, for results in ``out_dtype``.
+
+    float32 (and float64, whose sums run in float64) results need ``_EXACT_BELOW``. A 16-bit
+    result with ``p`` fraction bits has an ulp of at least ``2**-(p + 1)`` of its value, far
+    coarser than the few float32 ulp that ``log(S)`` is off in absolute terms (below
+    ``2**-20``): only rows whose ``L`` is below ``2**(p - 17)`` (about
+    ``S < 1 + 2**(p - 17)``) need it, and elsewhere the error stays under a quarter of the
+    result's ulp. With bfloat16 that is ``S < 1 + 2**-10``: a row dominated by 7 or more.
+    """
+    dtype = jnp.dtype(out_dtype)
+    if dtype.itemsize >= 4:
+        return _EXACT_BELOW
+    return 1.0 + 2.0 ** (jnp.finfo(dtype).nmant - 17)
 # The exact pass reads only the rows that need it when they are at most 1/_FEW_FRACTION of the
 # rows: with confident predictions a few rows of a batch are dominated by one logit (and the
 # losses' pass is limited to rows whose label is near the max, usually none or one), and summing
@@ -535,6 +551,7 @@ def _row_log_sum(
     care: Callable[[jax.Array], jax.Array] | None = None,
     with_tiny: bool = False,
     keep_exp: bool = False,
+    out_dtype: jnp.dtype | None = None,
 ) -> tuple[jax.Array, ...]:
     r"""Returns ``(m, L)`` with :math:`L = \log \sum_j e^{z_j}`, reduced axes kept.
 
@@ -552,6 +569,9 @@ def _row_log_sum(
     ``log(S)``, accurate to a few ulp of 1. ``L`` is 0 for a row with no entry. Its derivative
     is that of ``log(S)``.
 
+    ``out_dtype`` (default: that of the sums) is the dtype of the result built from ``L``;
+    16-bit results need the exact pass for far fewer rows (see :func:`_exact_below`).
+
     ``with_tiny`` also returns ``T``: :math:`t \\cdot 2^{92}` for the rows whose ``t`` is below the
     smallest normal float32 (there ``L = t`` is subnormal, and XLA:CPU flushes it to 0), else 0;
     :func:`_tiny_bits` turns it into the exact subnormal result.
@@ -565,7 +585,7 @@ def _row_log_sum(
     args = (x, m) if mask is None else (x, m, mask)
     tiny = jnp.finfo(total.dtype).tiny
     base = jnp.log(jnp.maximum(total, tiny))
-    need = total < _EXACT_BELOW
+    need = total < _exact_below(total.dtype if out_dtype is None else out_dtype)
     if care is not None:
         need = need & care(m)
 
@@ -837,7 +857,7 @@ def _log_softmax_from(
 def _log_softmax_core(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
-    m, log_sum, t_tiny = _row_log_sum(axes, x, mask, with_tiny=True)
+    m, log_sum, t_tiny = _row_log_sum(axes, x, mask, with_tiny=True, out_dtype=x.dtype)
     # The output kernel reads x and the row statistics through a barrier: sharing an (N, V)
     # intermediate (z, or a broadcast of m) with the sums' kernel would materialise it.
     xo, mo, lo = lax.optimization_barrier((x, m, log_sum))
@@ -889,9 +909,10 @@ def _log_softmax_jvp(axes, primals, tangents):
     # get a zero tangent (y is 0 there and x_dot is masked), and so does a row with no entry
     # above -inf (its max statistic is -big): its output is constant.
     if mask is None:
-        m, log_sum = _row_log_sum(axes, lax.optimization_barrier(x), None)
+        m, log_sum = _row_log_sum(axes, lax.optimization_barrier(x), None, out_dtype=x.dtype)
     else:
-        m, log_sum = _row_log_sum(axes, *lax.optimization_barrier((x, mask)))
+        xb, maskb = lax.optimization_barrier((x, mask))
+        m, log_sum = _row_log_sum(axes, xb, maskb, out_dtype=x.dtype)
     cd = log_sum.dtype
     # live = 1 for a row with an entry above -inf. m is a constant (stop_gradient after each
     # barrier, whose JVP instantiates zero tangents), so higher derivatives never form -inf * 0

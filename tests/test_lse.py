@@ -916,6 +916,27 @@ def test_accuracy_low_precision(dtype, dist, n):
         assert err.max() <= ULP_BOUND[dtype], (name, err.max())
 
 
+@pytest.mark.parametrize("n", [100, 1000, 32768])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_low_precision_log_softmax_accurate_at_every_dominance(dtype, n):
+    """16-bit log_softmax takes the exact pass only for rows dominated enough that float32's
+    log(S) would not do (L below 2**(p - 17)); every row is still within one ulp, swept over a
+    fine grid of dominance from 0 to 40 (S from n down to 1 + 1e-17), in the forward pass and
+    in the custom JVP rule."""
+    rng = np.random.default_rng(n)
+    lift = np.linspace(0.0, 40.0, 161)
+    x = rng.standard_normal((lift.size, n))
+    x[np.arange(lift.size), rng.integers(0, n, lift.size)] = x.max(axis=1) + lift
+    x = x.astype(dtype)
+    ref = ref_log_softmax(x)
+    out = jax.jit(jaxlse.log_softmax)(jnp.asarray(x))
+    assert ulp_error(out, ref).max() <= ULP_BOUND[dtype]
+    out_rule, _ = jax.jit(jax.jvp, static_argnums=0)(
+        jaxlse.log_softmax, (jnp.asarray(x),), (jnp.zeros_like(x),)
+    )
+    assert ulp_error(out_rule, ref).max() <= ULP_BOUND[dtype]
+
+
 # Long rows take the library's blocked path (rows > 32768); tuple axes flatten to one row.
 LONG_ROWS = [
     ((2, 32769), -1),
