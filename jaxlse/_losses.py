@@ -32,6 +32,7 @@ from jax.typing import ArrayLike
 
 from ._checks import as_float_array, compute_dtype
 from ._lse import (
+    _KEEP_EXP_MAX,
     _jit_core,
     _p,
     _patch_tiny,
@@ -370,11 +371,6 @@ def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:
         return jnp.where(ww == 0, 0.0, ww * -_z(v.astype(mm.dtype), mm))
 
     return _reduce("sum", term, axes, x, m, tw)
-
-
-# float32 and float64 logits of at most this many entries keep exp(z) for the backward pass
-# (see _ce_jvp).
-_KEEP_EXP_MAX = 1 << 20
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1))

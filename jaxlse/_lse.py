@@ -356,6 +356,10 @@ def _log1p(t: jax.Array) -> jax.Array:
 # few ulp off, which log(S) turns into up to ~26 ulp of a small L (measured for S in [1.1, 4]).
 # Above it, L >= log(8) = 2.08 and log(S) is within about 2 ulp.
 _EXACT_BELOW = 8.0
+# float32 and float64 inputs of at most this many entries may keep exp(z) for the backward
+# pass (the rules of log_softmax and cross_entropy): they stay in cache, where a second exp
+# per entry costs more than keeping the first.
+_KEEP_EXP_MAX = 1 << 20
 
 
 def _exact_below(out_dtype: jnp.dtype) -> float:
@@ -904,11 +908,19 @@ def _log_softmax_jvp(axes, primals, tangents):
     # Keeps nothing of size (N, V) for the backward pass. The statistics read x through one
     # optimization barrier and the backward kernel through another, so XLA shares no (N, V)
     # intermediate between the sums, the output and the backward pass (a shared one would be
-    # materialised). y = softmax(x) = exp(z - L) is rebuilt from x and the row statistics; L is
+    # materialised). y = softmax(x) = exp(z - L) is rebuilt from x and the row statistics,
+    # except for small float32/float64 inputs without a mask (at most _KEEP_EXP_MAX entries),
+    # which keep e = exp(z) from the sums and take y = e exp(-L): one exp per entry instead of
+    # two (measured 1.2-1.3x faster at (256, 1000)); e's buffer becomes the gradient's. L is
     # differentiable (m is held constant), so higher derivatives stay exact. Excluded entries
     # get a zero tangent (y is 0 there and x_dot is masked), and so does a row with no entry
     # above -inf (its max statistic is -big): its output is constant.
-    if mask is None:
+    keep = mask is None and jnp.dtype(x.dtype).itemsize >= 4 and x.size <= _KEEP_EXP_MAX
+    if keep:
+        m, log_sum, e = _row_log_sum(
+            axes, lax.optimization_barrier(x), None, out_dtype=x.dtype, keep_exp=True
+        )
+    elif mask is None:
         m, log_sum = _row_log_sum(axes, lax.optimization_barrier(x), None, out_dtype=x.dtype)
     else:
         xb, maskb = lax.optimization_barrier((x, mask))
@@ -924,8 +936,11 @@ def _log_softmax_jvp(axes, primals, tangents):
     # The mask is applied once to each, after (a select inside would cost another temporary).
     mo, lo = lax.optimization_barrier((m, log_sum))
     out = _log_softmax_from(x, lax.stop_gradient(mo), lo, None)
-    xb, mb, lb = lax.optimization_barrier((x, m, log_sum))
-    y = jnp.exp(_log_softmax_from(xb, lax.stop_gradient(mb), lb, None))
+    if keep:
+        y = e * jnp.exp(-log_sum)
+    else:
+        xb, mb, lb = lax.optimization_barrier((x, m, log_sum))
+        y = jnp.exp(_log_softmax_from(xb, lax.stop_gradient(mb), lb, None))
     if mask is not None:
         out = jnp.where(mask, out, -jnp.inf)
         y = jnp.where(mask, y, 0.0)
