@@ -32,8 +32,8 @@ from jax.typing import ArrayLike
 
 from ._checks import as_float_array, compute_dtype
 from ._lse import (
-    _KEEP_EXP_MAX,
     _jit_core,
+    _keeps_exp,
     _p,
     _patch_tiny,
     _reduce,
@@ -469,7 +469,7 @@ def _ce_jvp(soft, smoothing, primals, tangents):
     # them cannot leak); a counted row with a bad label gets NaN.
     num_classes, cd = x.shape[-1], eps.dtype
     x_y = None if soft else _label_logit(x, labels, cd)
-    keep = jnp.dtype(x.dtype).itemsize >= 4 and x.size <= _KEEP_EXP_MAX
+    keep = _keeps_exp(x)
     m, log_sum, lse, *e = _ce_row(lax.optimization_barrier(x), cd, x_y=x_y, keep_exp=keep)
     out = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
 

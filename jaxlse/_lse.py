@@ -362,6 +362,11 @@ _EXACT_BELOW = 8.0
 _KEEP_EXP_MAX = 1 << 20
 
 
+def _keeps_exp(x: jax.Array, mask: jax.Array | None = None) -> bool:
+    """Whether a rule keeps ``exp(z)`` for its backward pass (see ``_KEEP_EXP_MAX``)."""
+    return mask is None and jnp.dtype(x.dtype).itemsize >= 4 and x.size <= _KEEP_EXP_MAX
+
+
 def _exact_below(out_dtype: jnp.dtype) -> float:
     """The ``S`` below which a row's ``L`` needs the exact pass, for results in ``out_dtype``.
 
@@ -376,6 +381,8 @@ def _exact_below(out_dtype: jnp.dtype) -> float:
     if dtype.itemsize >= 4:
         return _EXACT_BELOW
     return 1.0 + 2.0 ** (jnp.finfo(dtype).nmant - 17)
+
+
 # The exact pass reads only the rows that need it when they are at most 1/_FEW_FRACTION of the
 # rows: with confident predictions a few rows of a batch are dominated by one logit (and the
 # losses' pass is limited to rows whose label is near the max, usually none or one), and summing
@@ -583,7 +590,8 @@ def _row_log_sum(
     if keep_exp:
         m = _masked_max(axes, x, mask)
         e = jnp.exp(_z(x, m, mask))
-        total = lax.expand_dims(_sum(e, axes), axes)
+        # Summed as _sum_exp sums (_reduce: the same order in every layout).
+        total = _reduce("sum", lambda v: v, axes, e)
     else:
         m, total = _sum_exp(axes, x, mask)
     args = (x, m) if mask is None else (x, m, mask)
@@ -915,7 +923,7 @@ def _log_softmax_jvp(axes, primals, tangents):
     # differentiable (m is held constant), so higher derivatives stay exact. Excluded entries
     # get a zero tangent (y is 0 there and x_dot is masked), and so does a row with no entry
     # above -inf (its max statistic is -big): its output is constant.
-    keep = mask is None and jnp.dtype(x.dtype).itemsize >= 4 and x.size <= _KEEP_EXP_MAX
+    keep = _keeps_exp(x, mask)
     if keep:
         m, log_sum, e = _row_log_sum(
             axes, lax.optimization_barrier(x), None, out_dtype=x.dtype, keep_exp=True
