@@ -781,6 +781,37 @@ def test_log_softmax_exact_pass_some_rows(rows, dominated, n):
         assert ulp_error(one, ref_log_softmax(x[i : i + 1])).max() <= ULP_BOUND[F32]
 
 
+def _coherent_rounding_value(m: float) -> np.float32:
+    """A float32 ``v`` in (0.1, 0.9) whose ``v - m`` (float32) is rounded the most."""
+    v = np.linspace(0.1, 0.9, 801).astype(np.float32)
+    err = np.abs((v.astype(np.float64) - m) - (v - np.float32(m)).astype(np.float64))
+    return v[np.argmax(err)]
+
+
+@pytest.mark.parametrize("dominated", [3, 20])
+def test_log_softmax_dominated_rows_among_many_get_the_corrected_sum(dominated):
+    """When most rows need the exact pass (4 * normal logits), the dominated ones among them
+    (``S < 1 + 2**-8``) still get their terms' rounding corrected: rows ``[40, v, ..., v]``,
+    whose every ``v - 40`` is rounded the same way (17 ulp of the tiny result if left
+    uncorrected). A few such rows (3 of 64) and many (20 of 64); forward pass and rule."""
+    rows, n, m = 64, 1000, 40.0
+    x = 4 * np.random.default_rng(dominated).standard_normal((rows, n))
+    x[:dominated] = _coherent_rounding_value(m)
+    x[:dominated, 0] = m
+    x = x.astype(np.float32)
+    ref = ref_log_softmax(x)
+    assert np.mean(np.exp(ref[dominated:]).max(axis=-1) > 1 / 8) > 0.9  # most rows: S < 8
+    out = jax.jit(jaxlse.log_softmax)(jnp.asarray(x))
+    assert ulp_error(out[:dominated, 0], ref[:dominated, 0]).max() <= 2.0  # 17 uncorrected
+    assert ulp_error(out, ref).max() <= ULP_BOUND[F32]
+    t = jnp.asarray(np.random.default_rng(0).standard_normal(x.shape), F32)
+    (_, out_rule), _ = jax.jit(
+        jax.value_and_grad(lambda v: (jnp.sum(jaxlse.log_softmax(v) * t), jaxlse.log_softmax(v)),
+                           has_aux=True)
+    )(jnp.asarray(x))
+    assert ulp_error(out_rule[:dominated, 0], ref[:dominated, 0]).max() <= 2.0
+
+
 # Shapes with axes of size 1 and reduced axes that are not trailing: the single-row and
 # (rows, n) paths of the sums must recognise which axes are rows.
 UNIT_AXIS_CASES = [
