@@ -415,9 +415,13 @@ def _few_budget(axes: tuple[int, ...], args: tuple[jax.Array, ...]) -> int:
 
 
 def _sum_below(
-    axes: tuple[int, ...], args: tuple[jax.Array, ...], need: jax.Array, budget: int
+    axes: tuple[int, ...],
+    args: tuple[jax.Array, ...],
+    need: jax.Array,
+    budget: int,
+    two_sum: bool = True,
 ) -> jax.Array:
-    """The sum of :func:`_below` over ``axes`` (kept), exact where ``need``.
+    """The sum of :func:`_below` (with its ``two_sum``) over ``axes`` (kept), exact where ``need``.
 
     With ``budget == 0`` every row is summed. Otherwise (see :func:`_few_budget`; the caller has
     checked that at most ``budget`` rows need it) only the rows that need it are summed, and
@@ -428,8 +432,9 @@ def _sum_below(
     loop, which would cost a full float32 copy. A single row is summed as :func:`_reduce` sums
     one, as accurately as a batch of rows.
     """
+    below = partial(_below, two_sum=two_sum)
     if budget == 0:
-        return _reduce("sum", _below, axes, *args)
+        return _reduce("sum", below, axes, *args)
     x, m = args
     n = math.prod(x.shape[a] for a in axes)
     rows = x.size // n
@@ -439,14 +444,14 @@ def _sum_below(
         idx = jnp.nonzero(flat, size=budget, fill_value=rows)[0]
         xs = x.at[idx].get(mode="fill", fill_value=0)
         ms = m.at[idx].get(mode="fill", fill_value=0)
-        t = zeros.at[idx].set(_reduce("sum", _below, (1,), xs, ms), mode="drop")
+        t = zeros.at[idx].set(_reduce("sum", below, (1,), xs, ms), mode="drop")
         return t.reshape(need.shape)
     idx = jnp.nonzero(flat, size=budget, fill_value=0)[0]
 
     def add_row(i: jax.Array, t: jax.Array) -> jax.Array:
         r = idx[i]
         xr, mr = lax.dynamic_slice_in_dim(x, r, 1), lax.dynamic_slice_in_dim(m, r, 1)
-        return lax.dynamic_update_slice_in_dim(t, _reduce("sum", _below, (1,), xr, mr), r, 0)
+        return lax.dynamic_update_slice_in_dim(t, _reduce("sum", below, (1,), xr, mr), r, 0)
 
     count = jnp.minimum(jnp.sum(flat, dtype=jnp.int32), budget)
     return lax.fori_loop(0, count, add_row, zeros).reshape(need.shape)
@@ -512,24 +517,29 @@ def _exact_log_sum(
 
     ``ops`` is ``(x, m[, mask], need, total, base)``; the first ``nargs`` are the reduction's
     operands. Rows that do not need it keep ``base`` (``log(S)``), and ``t_tiny`` is 0 there.
-    A few rows are summed alone, with the rounding of their terms corrected; more rows are
-    summed together without it, and then those below ``_TWO_SUM_BELOW`` again with it (only if
-    ``two_sum_rows``: 16-bit results are too coarse for it to show).
+    The rounding of the terms is corrected (TwoSum) only for rows below ``_TWO_SUM_BELOW``, and
+    only if ``two_sum_rows`` (16-bit results are too coarse for it to show). A few rows that
+    need the pass are summed alone, with it; among more rows, a few that need the correction
+    get it in a loop after the plain pass, and if more need it every row is summed with it
+    (one pass either way).
     """
     args, (need, total, base) = ops[:nargs], ops[nargs:]
     tiny = jnp.finfo(total.dtype).tiny
 
-    def corrected(
-        budget: int, args: tuple[jax.Array, ...], two: jax.Array, t: jax.Array
-    ) -> jax.Array:
-        return jnp.where(two, _sum_below(axes, args, two, budget), t)
-
     def every_row(args: tuple[jax.Array, ...], need: jax.Array, total: jax.Array) -> jax.Array:
-        t = _reduce("sum", partial(_below, two_sum=False), axes, *args)
         if not two_sum_rows:
-            return t
+            return _sum_below(axes, args, need, 0, two_sum=False)
         two = need & (total < 1 + _TWO_SUM_BELOW)
-        return _three_way(axes, args, two, lambda args, two, t: t, corrected, args, two, t)
+
+        def plain_sum(args: tuple[jax.Array, ...], two: jax.Array) -> jax.Array:
+            return _sum_below(axes, args, two, 0, two_sum=False)
+
+        def corrected(budget: int, args: tuple[jax.Array, ...], two: jax.Array) -> jax.Array:
+            if not budget:
+                return _sum_below(axes, args, two, 0)
+            return jnp.where(two, _sum_below(axes, args, two, budget), plain_sum(args, two))
+
+        return _three_way(axes, args, two, plain_sum, corrected, args, two)
 
     def exact(
         budget: int,
@@ -539,7 +549,7 @@ def _exact_log_sum(
         base: jax.Array,
     ) -> tuple[jax.Array, jax.Array]:
         if budget:
-            t = _sum_below(axes, args, need, budget)
+            t = _sum_below(axes, args, need, budget, two_sum=two_sum_rows)
         else:
             t = every_row(args, need, total)
         # k max entries (k = S - t, an integer up to rounding; 0 in a row with no entry).
@@ -648,14 +658,15 @@ def _row_log_sum(
     args = (x, m) if mask is None else (x, m, mask)
     tiny = jnp.finfo(total.dtype).tiny
     base = jnp.log(jnp.maximum(total, tiny))
-    need = total < _exact_below(total.dtype if out_dtype is None else out_dtype)
+    out_dtype = total.dtype if out_dtype is None else out_dtype
+    need = total < _exact_below(out_dtype)
     if care is not None:
         need = need & care(m)
 
     # The exact pass only corrects L (under a stop_gradient): its inputs are held constant,
     # which also keeps autodiff out of its vmap rule (see _batch_whole).
     ops = tuple(lax.stop_gradient(o) for o in (*args, need, total, base))
-    two_sum_rows = jnp.dtype(total.dtype if out_dtype is None else out_dtype).itemsize >= 4
+    two_sum_rows = jnp.dtype(out_dtype).itemsize >= 4
     fixed, t_tiny = _batch_whole(_exact_log_sum, axes, with_tiny, two_sum_rows, len(args))(*ops)
     log_sum = base + lax.stop_gradient(fixed - base)
     out = (m, log_sum, t_tiny) if with_tiny else (m, log_sum)
