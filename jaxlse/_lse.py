@@ -549,7 +549,9 @@ def _exact_log_sum(
         base: jax.Array,
     ) -> tuple[jax.Array, jax.Array]:
         if budget:
-            t = _sum_below(axes, args, need, budget, two_sum=two_sum_rows)
+            # With the correction also for 16-bit x: without it XLA:CPU gathers the rows from
+            # a float32 copy of x (measured 2.0 arrays of temp for bfloat16 cross_entropy vg).
+            t = _sum_below(axes, args, need, budget)
         else:
             t = every_row(args, need, total)
         # k max entries (k = S - t, an integer up to rounding; 0 in a row with no entry).
