@@ -537,7 +537,10 @@ def _exact_log_sum(
         def corrected(budget: int, args: tuple[jax.Array, ...], two: jax.Array) -> jax.Array:
             if not budget:
                 return _sum_below(axes, args, two, 0)
-            return jnp.where(two, _sum_below(axes, args, two, budget), plain_sum(args, two))
+            # The plain pass reads x through a barrier of its own: sharing a float32 copy of
+            # 16-bit x with the gather of the rows would materialise it.
+            plain = plain_sum(lax.optimization_barrier(args), two)
+            return jnp.where(two, _sum_below(axes, args, two, budget), plain)
 
         return _three_way(axes, args, two, plain_sum, corrected, args, two)
 
@@ -549,9 +552,7 @@ def _exact_log_sum(
         base: jax.Array,
     ) -> tuple[jax.Array, jax.Array]:
         if budget:
-            # With the correction also for 16-bit x: without it XLA:CPU gathers the rows from
-            # a float32 copy of x (measured 2.0 arrays of temp for bfloat16 cross_entropy vg).
-            t = _sum_below(axes, args, need, budget)
+            t = _sum_below(axes, args, need, budget, two_sum=two_sum_rows)
         else:
             t = every_row(args, need, total)
         # k max entries (k = S - t, an integer up to rounding; 0 in a row with no entry).
