@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from ._checks import as_float_array, compute_dtype
@@ -54,13 +55,39 @@ def _class_axis(fn: str, axis: int, ndim: int) -> int:
     try:
         axis = operator.index(axis)
     except TypeError:
-        raise TypeError(f"{fn}: `axis` must be an int, got {axis!r}") from None
+        raise TypeError(
+            f"{fn}: `axis` must be an int or a tuple of ints, got {axis!r}"
+        ) from None
     if not -ndim <= axis < ndim:
         raise ValueError(
             f"{fn}: `axis` {axis} is out of range for logits of rank {ndim} "
             f"(expected -{ndim} <= axis < {ndim})"
         )
     return axis % ndim
+
+
+def _class_axes(fn: str, axis: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """The class axes as non-negative ints, in the given order (it orders the flat class index)."""
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    if not axes:
+        raise ValueError(f"{fn}: `axis` must name at least one class axis, got {axis!r}")
+    out = tuple(_class_axis(fn, a, ndim) for a in axes)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{fn}: `axis` has a repeated entry: {axis!r}")
+    return out
+
+
+def _classes_last(v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``v`` with the class ``axes`` moved to the end (in their order) and flattened into one.
+
+    A single axis is moved; several are transposed behind the others and reshaped, so that
+    class ``c`` is the flat (C-order) index over ``axes``, as in optax.
+    """
+    if len(axes) == 1:
+        return jnp.moveaxis(v, axes[0], -1)
+    batch_axes = tuple(a for a in range(v.ndim) if a not in axes)
+    v = v.transpose(batch_axes + axes)
+    return v.reshape(v.shape[: len(batch_axes)] + (-1,))
 
 
 def _check_reduction(fn: str, reduction: str) -> None:
@@ -90,7 +117,7 @@ def _prepare(
     fn: str,
     x: ArrayLike,
     labels: ArrayLike,
-    axis: int,
+    axis: int | tuple[int, ...],
     weight: ArrayLike | None,
     ignore_index: int | None,
     where: ArrayLike | None,
@@ -98,17 +125,20 @@ def _prepare(
 ) -> tuple[jax.Array, jax.Array, bool, jax.Array | None, jax.Array, jnp.dtype]:
     """Checks and converts the arguments common to both losses.
 
-    Returns ``(x, labels, soft, weight, counted, out_dtype)`` with classes moved to the last axis
-    of ``x`` (and of soft ``labels``), ``x`` in its own dtype, and ``counted`` a boolean array
+    Returns ``(x, labels, soft, weight, counted, out_dtype)`` with the classes moved to the
+    last axis of ``x`` (and of soft ``labels``; several class axes flattened into one), ``x``
+    in its own dtype, integer ``labels`` at least 32 bits wide (so that comparing them with
+    ``num_classes`` or ``ignore_index`` cannot wrap around), and ``counted`` a boolean array
     of the batch shape: the examples that count (not ignored, not excluded by ``where``).
     """
     _check_reduction(fn, reduction)
     arr = as_float_array(fn, "logits" if fn == "cross_entropy" else "log_probs", x)
     if arr.ndim == 0:
         raise ValueError(f"{fn}: the scores must have a class axis, got a scalar")
-    ax = _class_axis(fn, axis, arr.ndim)
+    axes = _class_axes(fn, axis, arr.ndim)
     out_dtype = compute_dtype(arr.dtype)
-    arr = jnp.moveaxis(arr, ax, -1)  # kept in its dtype; converted where it is read
+    class_shape = tuple(arr.shape[a] for a in axes)
+    arr = _classes_last(arr, axes)  # kept in its dtype; converted where it is read
     batch, num_classes = arr.shape[:-1], arr.shape[-1]
     try:
         lab = jnp.asarray(labels)
@@ -118,10 +148,12 @@ def _prepare(
         soft = False
         if lab.shape != batch:
             raise ValueError(
-                f"{fn}: integer `labels` must have the scores' shape without the class axis, "
-                f"{batch}; got labels of shape {lab.shape} for scores of shape "
+                f"{fn}: integer `labels` must have the scores' shape without the class "
+                f"axis (or axes), {batch}; got labels of shape {lab.shape} for scores of shape "
                 f"{tuple(jnp.shape(x))}"
             )
+        if jnp.dtype(lab.dtype).itemsize < 4:
+            lab = lab.astype(jnp.int32)
     elif jnp.issubdtype(lab.dtype, jnp.floating):
         soft = True
         if lab.shape != tuple(jnp.shape(x)):
@@ -129,7 +161,7 @@ def _prepare(
                 f"{fn}: floating (soft) `labels` must have the scores' shape "
                 f"{tuple(jnp.shape(x))}; got {lab.shape}"
             )
-        lab = jnp.moveaxis(lab, ax, -1).astype(out_dtype)
+        lab = _classes_last(lab, axes).astype(out_dtype)
     else:
         raise TypeError(
             f"{fn}: `labels` must be integer class indices or floating target probabilities, "
@@ -138,12 +170,13 @@ def _prepare(
     w = None
     if weight is not None:
         w = as_float_array(fn, "weight", weight)
-        if w.shape != (num_classes,):
+        if w.shape not in ((num_classes,), class_shape):
+            also = f" or the class axes' shape {class_shape}" if len(axes) > 1 else ""
             raise ValueError(
-                f"{fn}: `weight` must have shape (num_classes,) = ({num_classes},), "
+                f"{fn}: `weight` must have shape (num_classes,) = ({num_classes},){also}, "
                 f"got {w.shape}"
             )
-        w = w.astype(out_dtype)
+        w = w.reshape(num_classes).astype(out_dtype)
     counted = jnp.ones(batch, bool)
     if where is not None:
         mask = jnp.asarray(where)
@@ -166,7 +199,9 @@ def _prepare(
             raise TypeError(
                 f"{fn}: `ignore_index` must be an int or None, got {ignore_index!r}"
             ) from None
-        if not soft:
+        info = jnp.iinfo(lab.dtype) if not soft else None
+        # A value that the labels' dtype cannot hold equals no label.
+        if info is not None and info.min <= ignore_index <= info.max:
             counted = counted & (lab != ignore_index)
     if not soft and _concrete(lab) and _concrete(counted):
         lab_np, counted_np = np.asarray(lab), np.asarray(counted)
@@ -235,7 +270,7 @@ def nll_loss(
     log_probs: ArrayLike,
     labels: ArrayLike,
     *,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     weight: ArrayLike | None = None,
     ignore_index: int | None = None,
     reduction: Reduction = "mean",
@@ -255,7 +290,9 @@ def nll_loss(
         (e.g. the output of :func:`jaxlse.log_softmax`).
       labels: integer class indices of ``log_probs``' shape without ``axis``, or floating target
         probabilities of ``log_probs``' shape.
-      axis: the class axis.
+      axis: the class axis, or a tuple of class axes: the classes are then the flat (C-order)
+        index over those axes in the order given, as in optax, and ``weight`` has shape
+        ``(num_classes,)`` (their product) or the class axes' shape.
       weight: per-class weights of shape ``(num_classes,)``.
       ignore_index: examples whose integer label equals it contribute nothing, to the value or
         the gradient (unused for soft labels).
@@ -294,7 +331,9 @@ def nll_loss(
     num_classes = lp.shape[-1]
     if soft:
         b = lab if w is None else lab * _row(w, lab.ndim)
-        terms = jnp.where(b == 0, 0.0, -b * lp.astype(out_dtype))
+        lp = lp.astype(out_dtype)
+        # 0 * log 0 = 0, with derivative 0 in b there; elsewhere d/db = -log p.
+        terms = -b * jnp.where((b == 0) & (lp == -jnp.inf), 0.0, lp)
         loss = jnp.sum(terms, axis=-1)
         denom = counted.astype(out_dtype)
     else:
@@ -368,7 +407,11 @@ def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:
         return tw * _reduce("sum", neg_z, axes, x, m)
 
     def term(v: jax.Array, mm: jax.Array, ww: jax.Array) -> jax.Array:
-        return jnp.where(ww == 0, 0.0, ww * -_z(v.astype(mm.dtype), mm))
+        # 0 * inf = 0 at a -inf logit with zero weight, which is also where the derivative in
+        # ww is taken as 0 (the loss is infinite for any positive weight there); elsewhere it
+        # is -z, so that soft targets and class weights are differentiable.
+        neg_z = -_z(v.astype(mm.dtype), mm)
+        return ww * jnp.where((ww == 0) & (neg_z == jnp.inf), 0.0, neg_z)
 
     return _reduce("sum", term, axes, x, m, tw)
 
@@ -452,10 +495,55 @@ def _ce_loss(
     return jnp.where(counted, loss[..., 0], 0.0)
 
 
-@_ce_core.defjvp
+def _is_zero(t: object) -> bool:
+    """Whether a tangent is symbolically zero (or absent, for a ``None`` argument)."""
+    return t is None or isinstance(t, SymbolicZero)
+
+
 def _ce_jvp(soft, smoothing, primals, tangents):
     x, labels, weight, eps, zeta, counted = primals
-    x_dot = tangents[0]
+    x_dot, labels_dot, weight_dot, eps_dot, zeta_dot, _ = tangents
+    others = (labels_dot if soft else None, weight_dot, eps_dot)
+    if all(_is_zero(t) for t in (*others, zeta_dot)):
+        return _ce_x_jvp(soft, smoothing, x, labels, weight, eps, zeta, counted, x_dot)
+    # Soft labels, class weights, label_smoothing and z_loss are differentiable too (the loss
+    # is linear in each but the weights): their tangent is that of _ce_loss with the logits'
+    # statistics held constant. It is traced only when one of them has a nonzero tangent, so
+    # the usual gradient with respect to the logits costs nothing more.
+    out, out_dot, (m, log_sum, lse) = _ce_x_jvp(
+        soft, smoothing, x, labels, weight, eps, zeta, counted, x_dot, with_stats=True
+    )
+    names = ("labels", "weight", "eps")
+    vals = {k: v for k, v, t in zip(names, (labels, weight, eps), others, strict=True)
+            if not _is_zero(t)}
+    dots = {k: t for k, t in zip(names, others, strict=True) if not _is_zero(t)}
+
+    def loss_of(vals: dict[str, jax.Array]) -> jax.Array:
+        args = dict(labels=labels, weight=weight, eps=eps) | vals
+        return _ce_loss(soft, smoothing, x, args["labels"], args["weight"], args["eps"],
+                        zeta, counted, m, log_sum, lse)
+
+    if vals:
+        out_dot = out_dot + jax.jvp(loss_of, (vals,), (dots,))[1]
+    if not _is_zero(zeta_dot):
+        # d/dzeta of zeta * s * lse**2 (also at zeta = 0, where the value's select gives 0).
+        wy = 1.0
+        if weight is not None and not soft:
+            wy = weight[_label_index(labels, x.shape[-1])[1]]
+        out_dot = out_dot + jnp.where(counted, zeta_dot * wy * jnp.square(lse[..., 0]), 0.0)
+    return out, out_dot
+
+
+_ce_core.defjvp(_ce_jvp, symbolic_zeros=True)
+
+
+def _ce_x_jvp(
+    soft, smoothing, x, labels, weight, eps, zeta, counted, x_dot, with_stats=False
+):
+    """The primal and tangent of :func:`_ce_core` for the logits' tangent ``x_dot`` alone.
+
+    ``with_stats`` also returns the per-row ``(m, L, lse)`` of :func:`_ce_row`.
+    """
     # d loss / dx = (A + 2 zeta s lse) p - B. For large logits p = exp(z - L) is rebuilt from
     # x and the per-row statistics, so nothing of size (N, V) is kept for the backward pass.
     # The statistics read x through one optimization barrier and p (in _p) through another,
@@ -469,9 +557,15 @@ def _ce_jvp(soft, smoothing, primals, tangents):
     # them cannot leak); a counted row with a bad label gets NaN.
     num_classes, cd = x.shape[-1], eps.dtype
     x_y = None if soft else _label_logit(x, labels, cd)
+    if _is_zero(x_dot):
+        m, log_sum, lse = _ce_row(x, cd, x_y=x_y)
+        out = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
+        zero = jnp.zeros_like(out)
+        return (out, zero, (m, log_sum, lse)) if with_stats else (out, zero)
     keep = _keeps_exp(x)
     m, log_sum, lse, *e = _ce_row(lax.optimization_barrier(x), cd, x_y=x_y, keep_exp=keep)
     out = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
+    stats = ((m, log_sum, lse),) if with_stats else ()
 
     def prob(scale: jax.Array) -> jax.Array:
         """``scale * p`` (``scale`` per row)."""
@@ -483,7 +577,7 @@ def _ce_jvp(soft, smoothing, primals, tangents):
         a = jnp.sum(b, axis=-1, keepdims=True)
         g = prob(a + jnp.where(zeta > 0, 2 * zeta * lse, 0.0)) - b
         g = jnp.where(counted[..., None], g, 0.0)
-        return out, jnp.sum(g * x_dot.astype(cd), axis=-1).astype(out.dtype)
+        return (out, jnp.sum(g * x_dot.astype(cd), axis=-1).astype(out.dtype), *stats)
     # Integer labels: d loss = sum_c (A p_c - s_c) dx_c - coef dx_y. The label's term is a
     # gather of the tangent rather than a one-hot (N, V) term, so that the (N, V) kernel is
     # exp, two subtractions and a product per entry (its transpose adds the label's term with
@@ -512,17 +606,17 @@ def _ce_jvp(soft, smoothing, primals, tangents):
         # 16-bit array in float32, which would materialise a float32 gradient.
         onehot = (_row(jnp.arange(num_classes, dtype=idx.dtype), x.ndim) == idx).astype(cd)
         g = g - coef * onehot
-        return out, jnp.sum(g * x_dot.astype(cd), axis=-1).astype(out.dtype)
+        return (out, jnp.sum(g * x_dot.astype(cd), axis=-1).astype(out.dtype), *stats)
     x_dot = x_dot.astype(cd)
     label_dot = coef * jnp.take_along_axis(x_dot, idx, axis=-1)
-    return out, (jnp.sum(g * x_dot, axis=-1) - label_dot[..., 0]).astype(out.dtype)
+    return (out, (jnp.sum(g * x_dot, axis=-1) - label_dot[..., 0]).astype(out.dtype), *stats)
 
 
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     weight: ArrayLike | None = None,
     ignore_index: int | None = None,
     label_smoothing: float | ArrayLike = 0.0,
@@ -560,7 +654,9 @@ def cross_entropy(
       logits: scores of shape ``(..., num_classes, ...)`` with classes on ``axis``.
       labels: integer class indices of ``logits``' shape without ``axis``, or floating target
         probabilities of ``logits``' shape (soft targets).
-      axis: the class axis.
+      axis: the class axis, or a tuple of class axes: the classes are then the flat (C-order)
+        index over those axes in the order given, as in optax, and ``weight`` has shape
+        ``(num_classes,)`` (their product) or the class axes' shape.
       weight: per-class weights of shape ``(num_classes,)``, as in
         :func:`torch.nn.functional.cross_entropy`.
       ignore_index: examples whose integer label equals it contribute nothing, to the value or
@@ -639,6 +735,4 @@ def cross_entropy(
         denom = counted.astype(out_dtype)
     else:
         denom = jnp.where(counted, w[_label_index(lab, x.shape[-1])[1]], 0.0)
-    if not isinstance(denom, int):
-        denom = lax.stop_gradient(denom)
     return _reduce_loss(loss, denom, reduction).astype(out_dtype)

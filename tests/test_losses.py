@@ -1336,3 +1336,188 @@ def test_grad_labels_of_any_integer_dtype(request, label_dtype):
     loss, grad = loss_and_grad(jaxlse.cross_entropy, x, labels)
     # atol: the label entry is p - 1 with p near 1, which float32 cannot hold to rtol 1e-6
     np.testing.assert_allclose(grad, ref_grad_sum(x, labels) / 4, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("label_dtype", "num_classes"),
+    [(np.int8, 200), (np.uint8, 300), (np.int16, 40000), (np.uint16, 70000)],
+    ids=lambda v: np.dtype(v).name if isinstance(v, type) else str(v),
+)
+@pytest.mark.parametrize("fn", FNS)
+def test_narrow_labels_do_not_wrap_around(fn, label_dtype, num_classes):
+    """Labels are compared with num_classes (and ignore_index) without wrapping around in a
+    dtype narrower than the class count: every label here is a valid class."""
+    info = np.iinfo(label_dtype)
+    x = _logits((3, num_classes), seed=30)
+    labels = np.asarray([info.max, 1, 0], label_dtype)
+    ref = labels.astype(np.int32)
+    kw = {"reduction": "none"}
+    out = jax.jit(lambda v, y: _call(fn, v, y, **kw))(x, labels)
+    assert np.isfinite(out).all()
+    chex.assert_trees_all_equal(out, jax.jit(lambda v, y: _call(fn, v, y, **kw))(x, ref))
+    chex.assert_trees_all_equal(_call(fn, x, labels, **kw), out)  # eager: no ValueError
+
+
+@pytest.mark.parametrize("fn", FNS)
+def test_ignore_index_the_label_dtype_cannot_hold_ignores_nothing(fn):
+    """PyTorch's -100 is not uint8 label 156 (-100 mod 256); 255 is not int8 label -1."""
+    x = _logits((2, 200), seed=31)
+    if fn == "nll_loss":
+        x = np.asarray(jaxlse.log_softmax(x))
+    labels = np.asarray([156, 1], np.uint8)
+    out = _call(fn, x, labels, ignore_index=-100, reduction="none")
+    chex.assert_trees_all_equal(out, _call(fn, x, labels.astype(np.int32), reduction="none"))
+    assert (np.asarray(out) > 0).all()
+    with pytest.raises(ValueError, match=r"label -1 at position \(0,\)"):
+        _call(fn, x, np.asarray([-1, 1], np.int8), ignore_index=255)
+
+
+def _optax_soft(x, t, weight=None, eps=0.0, zeta=0.0):
+    """Per-example soft-target loss by plain autodiff-able jnp (optax's formula plus options)."""
+    num_classes = x.shape[-1]
+    q = t * (1 - eps) + eps / num_classes
+    w = 1.0 if weight is None else weight[None, :]
+    lse = jax.nn.logsumexp(x, axis=-1)
+    return -jnp.sum(w * q * jax.nn.log_softmax(x), axis=-1) + zeta * jnp.square(lse)
+
+
+def _plain_int(x, y, weight, eps, zeta, ignore_index):
+    """Integer-label cross_entropy (PyTorch's weighted mean) by plain autodiff-able jnp."""
+    num_classes = x.shape[-1]
+    lp = jax.nn.log_softmax(x)
+    counted = y != ignore_index
+    yy = jnp.where(counted, y, 0)
+    wy = weight[yy]
+    nll = -jnp.take_along_axis(lp, yy[:, None], axis=-1)[:, 0]
+    per = (1 - eps) * wy * nll - eps / num_classes * jnp.sum(weight[None, :] * lp, axis=-1)
+    per = per + zeta * wy * jnp.square(jax.nn.logsumexp(x, axis=-1))
+    return jnp.sum(jnp.where(counted, per, 0.0)) / jnp.sum(jnp.where(counted, wy, 0.0))
+
+
+def test_soft_targets_gradient_matches_optax():
+    """The gradient with respect to soft targets is -log_softmax(x), as for optax (also at the
+    classes whose target is 0), and with respect to the logits it is unchanged."""
+    x = _logits((5, 7), seed=32, scale=3.0)
+    t = _soft_labels((5, 7), seed=32)
+    assert (t == 0).any()
+
+    def ours(v, q):
+        return jnp.sum(jaxlse.cross_entropy(v, q, reduction="none"))
+
+    def theirs(v, q):
+        return jnp.sum(optax.softmax_cross_entropy(v, q))
+
+    g = jax.jit(jax.grad(ours, argnums=(0, 1)))(x, t)
+    g_ref = jax.jit(jax.grad(theirs, argnums=(0, 1)))(x, t)
+    chex.assert_trees_all_close(g, g_ref, rtol=2e-6, atol=2e-7)
+    nll = jax.grad(lambda q: jnp.sum(jaxlse.nll_loss(jaxlse.log_softmax(x), q, reduction="none")))
+    chex.assert_trees_all_close(nll(t), g_ref[1], rtol=2e-6, atol=2e-7)
+
+
+def test_options_are_differentiable(x64):
+    """Soft targets, class weights, label_smoothing and z_loss all get their derivatives (first
+    and second order), equal to plain autodiff of the formula; before, the rule dropped them."""
+    x = _logits((4, 6), F64, seed=33)
+    t = _soft_labels((4, 6), F64, seed=33)
+    y = np.asarray([0, 3, 5, 1])
+    w = np.linspace(0.5, 2.0, 6)
+
+    def soft(v, q, ww, e, z):
+        return jaxlse.cross_entropy(v, q, weight=ww, label_smoothing=e, z_loss=z)
+
+    def soft_ref(v, q, ww, e, z):
+        return jnp.mean(_optax_soft(v, q, ww, e, z))
+
+    def hard(v, ww, e, z):
+        return jaxlse.cross_entropy(v, y, weight=ww, label_smoothing=e, z_loss=z, ignore_index=3)
+
+    def hard_ref(v, ww, e, z):
+        return _plain_int(v, jnp.asarray(y), ww, e, z, 3)
+
+    cases = ((soft, soft_ref, (x, t, w, 0.1, 0.01)), (hard, hard_ref, (x, w, 0.1, 0.01)))
+    for f, ref, args in cases:
+        check_grads(f, args, order=2, modes=("fwd", "rev"))
+        argnums = tuple(range(len(args)))
+        chex.assert_trees_all_close(jax.jit(jax.grad(f, argnums))(*args),
+                                    jax.jit(jax.grad(ref, argnums))(*args), rtol=1e-12, atol=1e-14)
+        # d/dz_loss at z_loss = 0 is the mean of w_y * lse**2, not 0
+        at0 = args[:-1] + (0.0,)
+        chex.assert_trees_all_close(jax.grad(f, len(args) - 1)(*at0),
+                                    jax.grad(ref, len(args) - 1)(*at0), rtol=1e-12)
+
+
+def test_options_gradient_finite_at_neg_inf_logit():
+    """A -inf logit with zero target (a masked class) leaves the gradients with respect to the
+    targets and the weights finite, in both modes."""
+    x = _logits((4, 6), seed=34).copy()
+    x[:, 2] = -np.inf
+    t = _soft_labels((4, 6), seed=34).copy()
+    t[:, 2] = 0.0
+    t /= t.sum(-1, keepdims=True)
+    w = np.linspace(0.5, 2.0, 6, dtype=F32)
+
+    def f(v, q, ww):
+        return jaxlse.cross_entropy(v, q, weight=ww, reduction="none")
+
+    for g in jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2)))(x, t, w):
+        assert np.isfinite(g).all()
+    jac = jax.jit(jax.jacfwd(f, argnums=(1, 2)))(x, t, w)
+    assert all(np.isfinite(j).all() for j in jac)
+    lp = jaxlse.log_softmax(x)
+    g = jax.grad(lambda q: jnp.sum(jaxlse.nll_loss(lp, q, weight=w)))(t)
+    assert np.isfinite(g).all() and (np.asarray(g)[:, 2] == 0).all()
+
+
+@pytest.mark.parametrize("axis", [(2, 3), (3, 2), (1, 3), (-1, -3), (0,)])
+@pytest.mark.parametrize("labels_kind", ["int", "soft"])
+def test_tuple_axis_matches_optax(axis, labels_kind):
+    """Several class axes, as in optax: a flat (C-order) class index over them, in the given
+    order; the gradient has the logits' layout."""
+    x = _logits((2, 3, 4, 5), seed=35)
+    axes = tuple(a % 4 for a in axis)
+    batch = tuple(n for i, n in enumerate(x.shape) if i not in axes)
+    num_classes = math.prod(x.shape[a] for a in axes)
+    if labels_kind == "int":
+        labels = _rng(35).integers(0, num_classes, batch)
+        optax_loss = optax.softmax_cross_entropy_with_integer_labels
+    else:
+        labels = np.asarray(jax.nn.softmax(_logits(x.shape, seed=36), axis=axes))
+        optax_loss = optax.softmax_cross_entropy
+
+    def ref(v, y):
+        return optax_loss(v, y, axis=axis)
+
+    loss, grad = loss_and_grad(lambda v, y: jaxlse.cross_entropy(v, y, axis=axis,
+                                                                 reduction="none"), x, labels)
+    ref_loss, ref_grad = loss_and_grad(ref, x, labels)
+    assert loss.shape == batch and grad.shape == x.shape
+    chex.assert_trees_all_close((loss, grad), (ref_loss, ref_grad), rtol=2e-6, atol=3e-7)
+    # the same as flattening the class axes by hand; weights of the class axes' shape or flat
+    w = np.linspace(0.5, 2.0, num_classes, dtype=F32)
+    w_shaped = w.reshape(tuple(x.shape[a] for a in axes))
+    batch_axes = tuple(i for i in range(4) if i not in axes)
+    flat = x.transpose(batch_axes + axes).reshape(batch + (num_classes,))
+    flat_labels = labels if labels_kind == "int" else labels.transpose(
+        batch_axes + axes).reshape(batch + (num_classes,))
+    kw = {"weight": w, "label_smoothing": 0.1}
+    expected = jaxlse.cross_entropy(flat, flat_labels, **kw)
+    for ww in (w, w_shaped):
+        chex.assert_trees_all_close(
+            jaxlse.cross_entropy(x, labels, axis=axis, **(kw | {"weight": ww})), expected,
+            rtol=1e-6)
+    lp = jaxlse.log_softmax(x, axis=axes)
+    chex.assert_trees_all_close(jaxlse.nll_loss(lp, labels, axis=axis, weight=w),
+                                jaxlse.nll_loss(jaxlse.log_softmax(flat), flat_labels, weight=w),
+                                rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("axis", "exc", "what"),
+    [((), ValueError, "at least one class axis"), ((1, 1), ValueError, "repeated"),
+     ((1, 7), ValueError, "out of range"), ((1, 2.0), TypeError, "an int or a tuple of ints")],
+)
+@pytest.mark.parametrize("fn", FNS)
+def test_bad_tuple_axis(fn, axis, exc, what):
+    x = _logits((2, 3, 4), seed=37)
+    with pytest.raises(exc, match=rf"^{fn}: `axis`.*{what}"):
+        _call(fn, x, np.zeros((2,), np.int32), axis=axis)
