@@ -199,6 +199,13 @@ def _prepare(
             raise TypeError(
                 f"{fn}: `ignore_index` must be an int or None, got {ignore_index!r}"
             ) from None
+        if soft and ignore_index >= 0:
+            # As PyTorch: a class index cannot be ignored in probability targets (a negative
+            # one, such as the usual -100, matches no class and is accepted).
+            raise ValueError(
+                f"{fn}: `ignore_index` {ignore_index} is not supported for floating (soft) "
+                "labels; exclude examples with `where`"
+            )
         info = jnp.iinfo(lab.dtype) if not soft else None
         # A value that the labels' dtype cannot hold equals no label.
         if info is not None and info.min <= ignore_index <= info.max:
@@ -295,7 +302,8 @@ def nll_loss(
         ``(num_classes,)`` (their product) or the class axes' shape.
       weight: per-class weights of shape ``(num_classes,)``.
       ignore_index: examples whose integer label equals it contribute nothing, to the value or
-        the gradient (unused for soft labels).
+        the gradient. With soft labels only a negative value is accepted (and unused), as in
+        PyTorch.
       reduction: ``"none"`` (per-example losses), ``"sum"``, or ``"mean"``: PyTorch's weighted
         mean, the sum divided by :math:`\sum_i w_{y_i}` over the counted examples for integer
         labels, and by the number of counted examples for soft labels. When no example counts,
@@ -310,8 +318,9 @@ def nll_loss(
     Raises:
       TypeError: if ``log_probs`` or ``weight`` is not real, or ``labels`` is neither integer
         nor floating, or ``where`` is not boolean.
-      ValueError: for mismatched shapes, a bad ``axis`` or ``reduction``, or (with concrete
-        labels) an out-of-range label that is not ``ignore_index``.
+      ValueError: for mismatched shapes, a bad ``axis`` or ``reduction``, a non-negative
+        ``ignore_index`` with soft labels, or (with concrete labels) an out-of-range label that
+        is not ``ignore_index``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -660,7 +669,8 @@ def cross_entropy(
       weight: per-class weights of shape ``(num_classes,)``, as in
         :func:`torch.nn.functional.cross_entropy`.
       ignore_index: examples whose integer label equals it contribute nothing, to the value or
-        the gradient.
+        the gradient. With soft labels only a negative value is accepted (and unused), as in
+        PyTorch.
       label_smoothing: :math:`\varepsilon \in [0, 1]`, mixing the target with the uniform
         distribution as PyTorch does.
       z_loss: :math:`\zeta \ge 0`, the coefficient of the auxiliary
@@ -686,8 +696,9 @@ def cross_entropy(
         floating, or ``where`` is not boolean.
       ValueError: for mismatched shapes (naming both), a bad ``axis``, ``weight`` not of shape
         ``(num_classes,)``, ``label_smoothing`` outside [0, 1], a negative ``z_loss``, a
-        non-positive ``soft_cap``, an unknown ``reduction``, or (with concrete labels) an
-        out-of-range label that is not ``ignore_index``.
+        non-positive ``soft_cap``, an unknown ``reduction``, a non-negative ``ignore_index``
+        with soft labels, or (with concrete labels) an out-of-range label that is not
+        ``ignore_index``.
 
     Examples:
       >>> import jax.numpy as jnp

@@ -1521,3 +1521,13 @@ def test_bad_tuple_axis(fn, axis, exc, what):
     x = _logits((2, 3, 4), seed=37)
     with pytest.raises(exc, match=rf"^{fn}: `axis`.*{what}"):
         _call(fn, x, np.zeros((2,), np.int32), axis=axis)
+
+
+@pytest.mark.parametrize("fn", FNS)
+def test_soft_labels_reject_a_class_ignore_index(fn):
+    """As PyTorch: ignore_index >= 0 with probability targets is an error; -100 is accepted."""
+    x = _logits((2, 3), seed=38)
+    q = _soft_labels((2, 3), seed=38)
+    with pytest.raises(ValueError, match=rf"^{fn}: `ignore_index` 1 is not supported"):
+        _call(fn, x, q, ignore_index=1)
+    chex.assert_trees_all_equal(_call(fn, x, q, ignore_index=-100), _call(fn, x, q))
