@@ -40,7 +40,8 @@ def as_float_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
     """
     if not isinstance(x, jax.Array):
         kind = np.asarray(x).dtype
-        if kind.kind in "OSUV":
+        # numpy reports bfloat16 and the other ml_dtypes floats as kind "V" (void).
+        if kind.kind in "OSU" or (kind.kind == "V" and not jnp.issubdtype(kind, jnp.inexact)):
             raise TypeError(
                 f"{fn}: `{name}` must be a numeric array, got {type(x).__name__} of dtype {kind}"
             )
@@ -175,3 +176,14 @@ def as_mask(
     check_broadcasts_to(fn, "where", mask, shape)
     # Same rank as the input, so the library never relies on implicit rank promotion.
     return mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
+
+
+def nan_where(bad: jax.Array, dtype: np.dtype) -> jax.Array:
+    """NaN where ``bad`` and 0 elsewhere, in ``dtype``, made without a NaN constant.
+
+    ``d / d - 1`` with ``d = 1 - bad``: under ``jax.debug_nans`` an eager NaN constant (such
+    as ``jnp.where(bad, jnp.nan, x)`` makes) raises even where nothing is bad, and so would a
+    product with one in the backward pass; this raises only where an entry is bad.
+    """
+    d = jnp.logical_not(bad).astype(dtype)
+    return d / d - 1

@@ -31,7 +31,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from ._checks import as_float_array, compute_dtype
+from ._checks import as_float_array, compute_dtype, nan_where
 from ._lse import (
     _jit_core,
     _keeps_exp,
@@ -258,7 +258,7 @@ def _reduce_loss(
 def _pick(lp: jax.Array, idx: jax.Array, bad: jax.Array) -> jax.Array:
     """``lp[..., idx]`` (classes last), NaN where ``bad``; a gather, one value per row."""
     picked = jnp.take_along_axis(lp, idx[..., None], axis=-1)[..., 0]
-    return jnp.where(bad, jnp.nan, picked)
+    return jnp.where(bad, nan_where(bad, picked.dtype), picked)
 
 
 @_pick.defjvp
@@ -270,7 +270,7 @@ def _pick_jvp(primals, tangents):
     # select keeps the NaN factor out of the other rows (also when transposed).
     row = jnp.sum(jnp.where(bad[..., None], lp_dot, 0.0), axis=-1)
     out_dot = jnp.take_along_axis(lp_dot, idx[..., None], axis=-1)[..., 0]
-    return _pick(lp, idx, bad), out_dot + jnp.where(bad, jnp.nan * row, 0.0)
+    return _pick(lp, idx, bad), out_dot + row * nan_where(bad, row.dtype)
 
 
 def nll_loss(
@@ -500,7 +500,7 @@ def _ce_loss(
     # where, not a product: lse**2 overflows for logits near 1e20 even when z_loss is 0.
     loss = loss + jnp.where(zeta > 0, zeta * scale * jnp.square(lse), 0.0)
     if bad is not None:
-        loss = jnp.where(bad, jnp.nan, loss)
+        loss = jnp.where(bad, nan_where(bad, loss.dtype), loss)
     return jnp.where(counted, loss[..., 0], 0.0)
 
 
@@ -606,7 +606,8 @@ def _ce_x_jvp(
             a = a + eps / num_classes * jnp.sum(weight)
             smooth = _row(eps / num_classes * weight, x.ndim)
     a = a + jnp.where(zeta > 0, 2 * zeta * wy * lse, 0.0)
-    g = prob(jnp.where(valid[..., None], a, jnp.nan))
+    bad = jnp.logical_not(valid[..., None])
+    g = prob(jnp.where(bad, nan_where(bad, cd), a))
     g = g if smooth is None else g - smooth
     g = jnp.where(counted[..., None], g, 0.0)
     coef = jnp.where(counted[..., None], coef, 0.0)

@@ -34,6 +34,7 @@ from ._checks import (
     as_mask,
     broadcast_input,
     compute_dtype,
+    nan_where,
     normalize_axes,
     promoted_float,
 )
@@ -99,6 +100,10 @@ def _reduce(
         dims = tuple(d % v.ndim for d in dims)
         if op == "sum":
             r = _sum(v, dims)
+        elif math.prod(v.shape[d] for d in dims) == 1:
+            # One entry per row: XLA turns such a reduce into a reshape and drops its initial
+            # value (measured: max(-inf) came out -inf, not -big), so it is applied here.
+            r = jnp.maximum(lax.squeeze(v, dims), -jnp.finfo(v.dtype).max)
         else:
             # A plain reduce with initial value -big (not jnp.max(..., initial=...), which adds a
             # separate maximum op that splits XLA:CPU's fused kernel). A row with no entry or only
@@ -761,7 +766,14 @@ def _lse_value(
     sign = jnp.sign(total)
     cd = total.dtype
     out = jnp.minimum(m.astype(cd), jnp.finfo(cd).max) + jnp.log(jnp.abs(total))
-    return jnp.where(m == jnp.inf, jnp.inf, out), sign
+    out = jnp.where(m == jnp.inf, jnp.inf, out)
+    if b is not None:
+        # A +inf row whose b-weighted sum is 0 or NaN (b of both signs at +inf entries, or a NaN
+        # or infinite b) is undefined: NaN for the value and the sign, as in jax.nn.
+        undefined = (m == jnp.inf) & jnp.logical_not(jnp.abs(total) > 0)
+        nan = nan_where(undefined, cd)
+        out, sign = jnp.where(undefined, nan, out), jnp.where(undefined, nan, sign)
+    return out, sign
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -903,7 +915,8 @@ def logsumexp(
     if not keepdims:
         out, sign = jnp.squeeze(out, axes), jnp.squeeze(sign, axes)
     if b_arr is not None and not return_sign:
-        out = jnp.where(sign < 0, jnp.nan, out)
+        negative = sign < 0
+        out = jnp.where(negative, nan_where(negative, out.dtype), out)
     out, sign = out.astype(out_dtype), sign.astype(out_dtype)
     return (out, sign) if return_sign else out
 
@@ -1102,7 +1115,10 @@ def _softmax_core(
         v = jnp.minimum(v.astype(cd), big)
         return v if mask is None else jnp.where(mask, v, -jnp.inf)
 
-    m = lax.expand_dims(lax.reduce(z(x), np.array(-big, cd), lax.max, dims), dims)
+    if math.prod(x.shape[d] for d in dims) == 1:
+        m = jnp.maximum(z(x), -big)  # XLA would drop the reduce's initial value (see _reduce)
+    else:
+        m = lax.expand_dims(lax.reduce(z(x), np.array(-big, cd), lax.max, dims), dims)
     e = jnp.exp(z(x) - m)
     # total >= 1 in any row with an entry (the max contributes e^0); a row without one has
     # total = 0 and exp(z) = 0, which max(total, 1) turns into 0 rather than 0 / 0.

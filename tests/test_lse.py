@@ -678,6 +678,96 @@ def test_empty_reduction_axis():
     assert jaxlse.softmax(jnp.zeros((0, 5))).shape == (0, 5)
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", NAMES)
+def test_rows_of_one_entry(name, jit):
+    """A reduction over a single entry follows the same rules as a longer one (XLA turns such
+    a reduce into a reshape and drops its initial value, which made -inf rows NaN): [-inf] and
+    a fully masked row give -inf / -inf / 0 with zero gradients, as in jax.nn.softmax's empty
+    mask test applied to rows of length 1."""
+    x = jnp.asarray([[3.0], [-INF], [INF], [2.0]])
+    w = jnp.asarray([[True], [True], [True], [False]])
+
+    def f(v):
+        return _call(name, v, 1, where=w)
+
+    f = jax.jit(f) if jit else f
+    want = {
+        "logsumexp": [3.0, -INF, INF, -INF],
+        "log_softmax": [[0.0], [-INF], [0.0], [-INF]],
+        "softmax": [[1.0], [0.0], [1.0], [0.0]],
+    }[name]
+    np.testing.assert_array_equal(f(x), np.asarray(want, np.float32))
+    for jac in (jax.jacfwd, jax.jacrev):
+        j = np.asarray(jac(f)(x))
+        assert np.all(np.isfinite(j)), (name, jac)
+    # the same over several axes of size 1, and for a scalar
+    x3 = jnp.full((1, 1, 3), -INF)
+    out3 = _call(name, x3, (0, 1))
+    np.testing.assert_array_equal(out3, _call(name, x3.reshape(3, 1), 1).reshape(out3.shape))
+    if name == "logsumexp":
+        assert float(jaxlse.logsumexp(-INF)) == -INF
+        chex.assert_trees_all_equal(jaxlse.logsumexp(jnp.asarray([-INF]), return_sign=True),
+                                    (jnp.asarray(-INF), jnp.asarray(0.0)))
+        assert float(jaxlse.logsumexp(jnp.asarray([-INF]), b=jnp.asarray([2.0]))) == -INF
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_numpy_bfloat16_input(name):
+    """numpy arrays of bfloat16 (dtype kind "V" in numpy) are accepted, as by jax.nn."""
+    x = np.asarray([[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]], dtype=jnp.bfloat16)
+    out = _call(name, x, -1)
+    assert out.dtype == BF16
+    chex.assert_trees_all_equal(out, _call(name, jnp.asarray(x), -1))
+    if name == "logsumexp":
+        chex.assert_trees_all_equal(jaxlse.logsumexp(x, b=x), jaxlse.logsumexp(x, b=jnp.asarray(x)))
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_debug_nans_does_not_fire_on_clean_input(jit):
+    """With jax.debug_nans on, clean inputs raise nothing, also op by op (disable_jit): no NaN
+    constant is made where no result is NaN (jax.nn.logsumexp's `b` path takes the same care)."""
+    x = jnp.asarray([[2.0, 5.0, 3.0], [-INF, -INF, -INF]])
+    w = jnp.asarray([[True, False, True], [True, True, True]])
+    y = jnp.asarray([1, 2])
+
+    def run():
+        jaxlse.logsumexp(1.0, b=1.0)
+        jax.grad(lambda v: jnp.sum(jaxlse.logsumexp(v, axis=1, b=jnp.ones_like(v))[:1]))(x)
+        for name in NAMES:
+            jax.grad(lambda v, n=name: jnp.sum(_call(n, v, -1, where=w)[:1]))(x)
+        logits = x[:1].repeat(2, 0)
+        jax.grad(lambda v: jaxlse.cross_entropy(v, y, label_smoothing=0.1, z_loss=0.1))(logits)
+        jax.grad(lambda v: jaxlse.nll_loss(v, y))(jaxlse.log_softmax(logits))
+
+    with jax.debug_nans(True):
+        if jit:
+            run()
+        else:
+            with jax.disable_jit():
+                run()
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "want"),
+    [
+        ([INF, 2.0], [1.0, float("nan")], (float("nan"), float("nan"))),
+        ([INF, INF], [1.0, -1.0], (float("nan"), float("nan"))),
+        ([INF, 1.0], [1.0, -INF], (float("nan"), float("nan"))),
+        ([INF, 1.0], [-2.0, 1.0], (INF, -1.0)),
+        ([INF, INF], [2.0, -1.0], (INF, 1.0)),
+    ],
+    ids=str,
+)
+def test_logsumexp_b_in_pos_inf_rows(a, b, want):
+    """A +inf row is +inf with the sign of its b-weighted sum; NaN (value and sign) where that
+    sum is undefined (b of both signs cancelling at the +inf entries, or a NaN b), as in
+    jax.nn, never a value that contradicts its sign."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    chex.assert_trees_all_equal(jaxlse.logsumexp(a, b=b, return_sign=True),
+                                tuple(jnp.asarray(v, F32) for v in want))
+
+
 # --------------------------------------------------------------------------------------------
 # 5. Accuracy in ulps against a float64 reference
 
