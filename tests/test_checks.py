@@ -193,7 +193,10 @@ def test_as_mask_rejects_shape():
         _checks.as_mask("fn", np.ones(3, bool), (3, 4))
 
 
-@pytest.mark.parametrize("where", [["spam", "eggs"], np.asarray(["spam"]), object()], ids=str)
+@pytest.mark.parametrize(
+    "where", [["spam", "eggs"], np.asarray(["spam"]), object()],
+    ids=["list_of_str", "str_array", "object"],
+)
 def test_as_mask_rejects_type(where):
     with pytest.raises(TypeError, match=r"^fn: `where` must be a boolean array"):
         _checks.as_mask("fn", where, (3, 4))
