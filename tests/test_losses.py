@@ -1436,7 +1436,7 @@ def test_options_are_differentiable(x64):
 
     cases = ((soft, soft_ref, (x, t, w, 0.1, 0.01)), (hard, hard_ref, (x, w, 0.1, 0.01)))
     for f, ref, args in cases:
-        check_grads(f, args, order=2, modes=("fwd", "rev"))
+        check_grads(jax.jit(f), args, order=2, modes=("fwd", "rev"))
         argnums = tuple(range(len(args)))
         chex.assert_trees_all_close(jax.jit(jax.grad(f, argnums))(*args),
                                     jax.jit(jax.grad(ref, argnums))(*args), rtol=1e-12, atol=1e-14)
