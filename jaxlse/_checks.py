@@ -78,14 +78,20 @@ def compute_dtype(dtype: np.dtype) -> np.dtype:
     return jnp.dtype(jnp.float32) if jnp.dtype(dtype) in _LOW_PRECISION else jnp.dtype(dtype)
 
 
-def normalize_axes(fn: str, axis: Axis, ndim: int) -> tuple[int, ...]:
-    """Returns ``axis`` as a sorted tuple of non-negative ints (``None`` means every axis).
+def normalize_axes(
+    fn: str, axis: Axis, ndim: int, *, keep_order: bool = False, allow_none: bool = True
+) -> tuple[int, ...]:
+    """Returns ``axis`` as a tuple of non-negative ints (``None`` means every axis).
+
+    Sorted, unless ``keep_order`` (the losses' class axes, whose order sets the flat class
+    index). ``allow_none=False`` rejects ``None`` (and the message then does not offer it).
 
     Raises:
       TypeError: if an axis is not an integer.
       ValueError: if an axis is out of range or repeated.
     """
-    if axis is None:
+    what = "an int, a sequence of ints or None" if allow_none else "an int or a tuple of ints"
+    if axis is None and allow_none:
         return tuple(range(ndim))
     axes = (axis,) if not isinstance(axis, Sequence) else tuple(axis)
     out = []
@@ -93,9 +99,7 @@ def normalize_axes(fn: str, axis: Axis, ndim: int) -> tuple[int, ...]:
         try:
             a = operator.index(a)
         except TypeError:
-            raise TypeError(
-                f"{fn}: `axis` must be an int, a sequence of ints or None, got {axis!r}"
-            ) from None
+            raise TypeError(f"{fn}: `axis` must be {what}, got {axis!r}") from None
         if ndim == 0:
             raise ValueError(f"{fn}: `axis` {a} is out of range for an input of rank 0 (no axes)")
         if not -ndim <= a < ndim:
@@ -106,7 +110,7 @@ def normalize_axes(fn: str, axis: Axis, ndim: int) -> tuple[int, ...]:
         out.append(a % ndim)
     if len(set(out)) != len(out):
         raise ValueError(f"{fn}: `axis` has a repeated entry: {axis!r}")
-    return tuple(sorted(out))
+    return tuple(out) if keep_order else tuple(sorted(out))
 
 
 def check_broadcasts_to(fn: str, name: str, arr: jax.Array, shape: tuple[int, ...]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 from functools import partial
 from typing import Literal
 
@@ -31,7 +32,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from ._checks import as_float_array, compute_dtype, nan_where
+from ._checks import as_float_array, compute_dtype, nan_where, normalize_axes
 from ._lse import (
     _jit_core,
     _keeps_exp,
@@ -51,30 +52,11 @@ _REDUCTIONS = ("none", "sum", "mean")
 # argument checks shared by both losses
 
 
-def _class_axis(fn: str, axis: int, ndim: int) -> int:
-    try:
-        axis = operator.index(axis)
-    except TypeError:
-        raise TypeError(
-            f"{fn}: `axis` must be an int or a tuple of ints, got {axis!r}"
-        ) from None
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"{fn}: `axis` {axis} is out of range for logits of rank {ndim} "
-            f"(expected -{ndim} <= axis < {ndim})"
-        )
-    return axis % ndim
-
-
 def _class_axes(fn: str, axis: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
     """The class axes as non-negative ints, in the given order (it orders the flat class index)."""
-    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
-    if not axes:
+    if isinstance(axis, Sequence) and not axis:
         raise ValueError(f"{fn}: `axis` must name at least one class axis, got {axis!r}")
-    out = tuple(_class_axis(fn, a, ndim) for a in axes)
-    if len(set(out)) != len(out):
-        raise ValueError(f"{fn}: `axis` has a repeated entry: {axis!r}")
-    return out
+    return normalize_axes(fn, axis, ndim, keep_order=True, allow_none=False)
 
 
 def _classes_last(v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -206,9 +188,8 @@ def _prepare(
                 f"{fn}: `ignore_index` {ignore_index} is not supported for floating (soft) "
                 "labels; exclude examples with `where`"
             )
-        info = jnp.iinfo(lab.dtype) if not soft else None
         # A value that the labels' dtype cannot hold equals no label.
-        if info is not None and info.min <= ignore_index <= info.max:
+        if not soft and jnp.iinfo(lab.dtype).min <= ignore_index <= jnp.iinfo(lab.dtype).max:
             counted = counted & (lab != ignore_index)
     if not soft and _concrete(lab) and _concrete(counted):
         lab_np, counted_np = np.asarray(lab), np.asarray(counted)

@@ -87,6 +87,21 @@ def _sum_jvp(dims, primals, tangents):
     return _sum(v, dims), jnp.sum(v_dot, axis=dims)
 
 
+def _floored_max(v: jax.Array, dims: tuple[int, ...]) -> jax.Array:
+    """``max(-big, max over dims of v)``, dims dropped: a row with no entry or only -inf gets
+    -big (the dtype's most negative finite value); NaN propagates.
+
+    A plain reduce with initial value -big (not jnp.max(..., initial=...), which adds a separate
+    maximum op that splits XLA:CPU's fused kernel). Over a single entry XLA turns the reduce
+    into a reshape and drops its initial value (measured: max(-inf) came out -inf), so there
+    the floor is an explicit maximum.
+    """
+    big = jnp.finfo(v.dtype).max
+    if math.prod(v.shape[d] for d in dims) == 1:
+        return jnp.maximum(lax.squeeze(v, dims), -big)
+    return lax.reduce(v, np.array(-big, v.dtype), lax.max, dims)
+
+
 def _reduce(
     op: str, fn: Callable[..., jax.Array], axes: tuple[int, ...], *arrays: jax.Array
 ) -> jax.Array:
@@ -100,15 +115,8 @@ def _reduce(
         dims = tuple(d % v.ndim for d in dims)
         if op == "sum":
             r = _sum(v, dims)
-        elif math.prod(v.shape[d] for d in dims) == 1:
-            # One entry per row: XLA turns such a reduce into a reshape and drops its initial
-            # value (measured: max(-inf) came out -inf, not -big), so it is applied here.
-            r = jnp.maximum(lax.squeeze(v, dims), -jnp.finfo(v.dtype).max)
         else:
-            # A plain reduce with initial value -big (not jnp.max(..., initial=...), which adds a
-            # separate maximum op that splits XLA:CPU's fused kernel). A row with no entry or only
-            # -inf gets -big; NaN propagates.
-            r = lax.reduce(v, np.array(-jnp.finfo(v.dtype).max, v.dtype), lax.max, dims)
+            r = _floored_max(v, dims)
         return lax.expand_dims(r, dims) if keepdims else r
 
     shape = tuple(np.broadcast_shapes(*(a.shape for a in arrays)))
@@ -1115,10 +1123,7 @@ def _softmax_core(
         v = jnp.minimum(v.astype(cd), big)
         return v if mask is None else jnp.where(mask, v, -jnp.inf)
 
-    if math.prod(x.shape[d] for d in dims) == 1:
-        m = jnp.maximum(z(x), -big)  # XLA would drop the reduce's initial value (see _reduce)
-    else:
-        m = lax.expand_dims(lax.reduce(z(x), np.array(-big, cd), lax.max, dims), dims)
+    m = lax.expand_dims(_floored_max(z(x), dims), dims)
     e = jnp.exp(z(x) - m)
     # total >= 1 in any row with an entry (the max contributes e^0); a row without one has
     # total = 0 and exp(z) = 0, which max(total, 1) turns into 0 rather than 0 / 0.
