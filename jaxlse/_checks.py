@@ -14,8 +14,9 @@ was received.
 
 from __future__ import annotations
 
+import functools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -191,3 +192,14 @@ def nan_where(bad: jax.Array, dtype: np.dtype) -> jax.Array:
     """
     d = jnp.logical_not(bad).astype(dtype)
     return d / d - 1
+
+
+@functools.cache
+def jit_core(core: Callable[..., jax.Array], static: int = 1) -> Callable[..., jax.Array]:
+    """``core`` under ``jax.jit`` with its first ``static`` arguments static.
+
+    Eager calls then compile once per shape instead of dispatching op by op (the ``lax.cond``
+    in :func:`row_log_sum` would be traced anew on every eager call); inside an outer ``jit``
+    it is inlined.
+    """
+    return jax.jit(core, static_argnums=tuple(range(static)))

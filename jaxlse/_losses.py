@@ -8,7 +8,7 @@ For one example with logits :math:`x` over :math:`C` classes, the loss is writte
 
 where :math:`B_c \ge 0` is the weighted (and smoothed) target. With :math:`m = \max_c x_c`,
 :math:`z_c = x_c - m` and :math:`L = \operatorname{logsumexp}(x) - m` (computed as in
-:mod:`jaxlse._lse`, with ``log1p`` of the non-maximal terms when one entry dominates), every term
+:mod:`jaxlse._rowstats`, with ``log1p`` of the non-maximal terms when one entry dominates), every term
 :math:`\operatorname{logsumexp}(x) - x_c = L - z_c` is a sum of two non-negative numbers, so the
 loss keeps its relative accuracy at every magnitude: no large :math:`\operatorname{logsumexp}`
 is subtracted from a large logit, and the tiny loss of a confident correct prediction is
@@ -32,16 +32,15 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from ._checks import as_float_array, compute_dtype, nan_where, normalize_axes
-from ._lse import (
-    _jit_core,
-    _keeps_exp,
-    _p,
-    _patch_tiny,
-    _reduce,
-    _row_log_sum,
-    _take_last,
-    _z,
+from ._checks import as_float_array, compute_dtype, jit_core, nan_where, normalize_axes
+from ._rowstats import (
+    keeps_exp,
+    patch_tiny,
+    probs,
+    reduce_rows,
+    row_log_sum,
+    shifted,
+    take_last,
 )
 
 Reduction = Literal["none", "sum", "mean"]
@@ -347,10 +346,10 @@ def _ce_row(
     with_tiny: bool = False,
     keep_exp: bool = False,
 ) -> tuple[jax.Array, ...]:
-    """Per-example ``(m, L, lse)`` in dtype ``cd``, ``L = lse - m`` (see ``_row_log_sum``).
+    """Per-example ``(m, L, lse)`` in dtype ``cd``, ``L = lse - m`` (see ``row_log_sum``).
 
     ``with_tiny`` (the forward pass) appends the scaled subnormal ``t`` of
-    :func:`_row_log_sum`.
+    :func:`row_log_sum`.
 
     Classes are last. 16-bit ``x`` is converted inside each reduction rather than once up
     front: the max is exact in ``x``'s own dtype, and a single converted copy read by several
@@ -363,9 +362,9 @@ def _ce_row(
     care = None
     if x_y is not None:
         def care(m: jax.Array) -> jax.Array:
-            return _z(x_y, m) > -0.5
+            return shifted(x_y, m) > -0.5
 
-    m, log_sum, *extra = _row_log_sum(
+    m, log_sum, *extra = row_log_sum(
         (x.ndim - 1,), x, None, care=care, with_tiny=with_tiny, keep_exp=keep_exp
     )
     m = m.astype(cd)
@@ -377,7 +376,7 @@ def _ce_row(
 def _label_logit(x: jax.Array, labels: jax.Array, cd: jnp.dtype) -> jax.Array:
     """``x[..., y]`` in dtype ``cd`` (classes last, keeps the axis); class 0 for a bad label."""
     _, idx = _label_index(labels, x.shape[-1])
-    return _take_last(x, idx[..., None]).astype(cd)
+    return take_last(x, idx[..., None]).astype(cd)
 
 
 def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:
@@ -392,18 +391,18 @@ def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:
     axes = (x.ndim - 1,)
     if tw.ndim == 0:
         def neg_z(v: jax.Array, mm: jax.Array) -> jax.Array:
-            return -_z(v.astype(mm.dtype), mm)
+            return -shifted(v.astype(mm.dtype), mm)
 
-        return tw * _reduce("sum", neg_z, axes, x, m)
+        return tw * reduce_rows("sum", neg_z, axes, x, m)
 
     def term(v: jax.Array, mm: jax.Array, ww: jax.Array) -> jax.Array:
         # 0 * inf = 0 at a -inf logit with zero weight, which is also where the derivative in
         # ww is taken as 0 (the loss is infinite for any positive weight there); elsewhere it
         # is -z, so that soft targets and class weights are differentiable.
-        neg_z = -_z(v.astype(mm.dtype), mm)
+        neg_z = -shifted(v.astype(mm.dtype), mm)
         return ww * jnp.where((ww == 0) & (neg_z == jnp.inf), 0.0, neg_z)
 
-    return _reduce("sum", term, axes, x, m, tw)
+    return reduce_rows("sum", term, axes, x, m, tw)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -432,8 +431,8 @@ def _ce_core(
     # exactly from the scaled t (see _tiny_bits). Only where the loss came out 0, i.e. without
     # smoothing (whose term is far larger).
     wy = 1.0 if weight is None else weight[_label_index(labels, x.shape[-1])[1]]
-    at = (loss == 0) & counted & (_z(x_y, m)[..., 0] == 0)
-    return -_patch_tiny(-loss, at, t_tiny[..., 0], (1 - eps) * wy)
+    at = (loss == 0) & counted & (shifted(x_y, m)[..., 0] == 0)
+    return -patch_tiny(-loss, at, t_tiny[..., 0], (1 - eps) * wy)
 
 
 def _ce_loss(
@@ -463,7 +462,7 @@ def _ce_loss(
         # Scalars, not arrays of ones, when there is no weight: XLA:CPU slows down a lot when a
         # constant array is shared between kernels.
         wy = jnp.asarray(1, cd) if weight is None else weight[idx]
-        z_y = _z(_label_logit(x, labels, cd), m)
+        z_y = shifted(_label_logit(x, labels, cd), m)
         # -log p_y = L - z_y: both terms >= 0. In a row holding +inf, z_y is 0 at a +inf label
         # and <= -2e31 elsewhere; scaling the latter by 1 + big makes the loss +inf, its limit.
         big = jnp.finfo(cd).max
@@ -536,7 +535,7 @@ def _ce_x_jvp(
     """
     # d loss / dx = (A + 2 zeta s lse) p - B. For large logits p = exp(z - L) is rebuilt from
     # x and the per-row statistics, so nothing of size (N, V) is kept for the backward pass.
-    # The statistics read x through one optimization barrier and p (in _p) through another,
+    # The statistics read x through one optimization barrier and p (in probs) through another,
     # so XLA shares no (N, V) intermediate between their kernels (for 16-bit logits, a float32
     # copy of x, which it would materialise). Small float32 and float64 logits (at most
     # _KEEP_EXP_MAX entries, which stay in cache) instead keep e = exp(z), from which both
@@ -552,14 +551,14 @@ def _ce_x_jvp(
         out = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
         zero = jnp.zeros_like(out)
         return (out, zero, (m, log_sum, lse)) if with_stats else (out, zero)
-    keep = _keeps_exp(x)
+    keep = keeps_exp(x)
     m, log_sum, lse, *e = _ce_row(lax.optimization_barrier(x), cd, x_y=x_y, keep_exp=keep)
     out = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
     stats = ((m, log_sum, lse),) if with_stats else ()
 
     def prob(scale: jax.Array) -> jax.Array:
         """``scale * p`` (``scale`` per row)."""
-        return e[0] * (scale * jnp.exp(-log_sum)) if keep else _p(x, m, log_sum, scale=scale)
+        return e[0] * (scale * jnp.exp(-log_sum)) if keep else probs(x, m, log_sum, scale=scale)
 
     if soft:
         q = labels * (1 - eps) + eps / num_classes
@@ -720,7 +719,7 @@ def cross_entropy(
     zeta = jnp.asarray(z_loss, out_dtype)
     counted = jnp.broadcast_to(counted, x.shape[:-1])
     smoothing = not (_concrete(label_smoothing) and float(np.asarray(label_smoothing)) == 0.0)
-    loss = _jit_core(_ce_core, 2)(soft, smoothing, x, lab, w, eps, zeta, counted)
+    loss = jit_core(_ce_core, 2)(soft, smoothing, x, lab, w, eps, zeta, counted)
     every = where is None and (soft or ignore_index is None)
     if every and (soft or w is None):
         denom: jax.Array | int = math.prod(x.shape[:-1])  # every example counts, weight 1
