@@ -7,10 +7,10 @@ For one example with logits :math:`x` over :math:`C` classes, the loss is writte
   \operatorname{logsumexp}(x)^2,
 
 where :math:`B_c \ge 0` is the weighted (and smoothed) target. With :math:`m = \max_c x_c`,
-:math:`z_c = x_c - m` and :math:`L = \operatorname{logsumexp}(x) - m` (computed as in
-:mod:`jaxlse._rowstats`, with ``log1p`` of the non-maximal terms when one entry dominates), every term
-:math:`\operatorname{logsumexp}(x) - x_c = L - z_c` is a sum of two non-negative numbers, so the
-loss keeps its relative accuracy at every magnitude: no large :math:`\operatorname{logsumexp}`
+:math:`z_c = x_c - m` and :math:`L = \operatorname{logsumexp}(x) - m` (computed by
+:mod:`jaxlse._rowstats`, with ``log1p`` of the non-maximal terms when one entry dominates), every
+term :math:`\operatorname{logsumexp}(x) - x_c = L - z_c` is a sum of two non-negative numbers, so
+the loss keeps its relative accuracy at every magnitude: no large :math:`\operatorname{logsumexp}`
 is subtracted from a large logit, and the tiny loss of a confident correct prediction is
 :math:`\operatorname{log1p}` of a tiny sum. The derivative is
 :math:`\partial\ell/\partial x_c = (A + 2\zeta s \operatorname{logsumexp}(x))\,p_c - B_c` with
@@ -35,6 +35,7 @@ from jax.typing import ArrayLike
 from ._checks import as_float_array, compute_dtype, jit_core, nan_where, normalize_axes
 from ._rowstats import (
     keeps_exp,
+    own_read,
     patch_tiny,
     probs,
     reduce_rows,
@@ -215,8 +216,8 @@ def _reduce_loss(
     """
     if reduction == "none":
         return loss
-    # The barrier keeps XLA:CPU from fusing this small sum into the (N, V) kernels that make
-    # the per-example losses, which it then runs several times slower. It changes no value.
+    # XLA:CPU: the barrier keeps this small sum out of the (N, V) kernels that make the
+    # per-example losses, which XLA:CPU then runs several times slower. It changes no value.
     if isinstance(denom, int):
         total = jnp.sum(lax.optimization_barrier(loss))
         if reduction == "sum":
@@ -387,7 +388,7 @@ def _weighted_neg_z(x: jax.Array, m: jax.Array, tw: jax.Array) -> jax.Array:
     sum reads ``x`` and ``m`` through its own optimization barrier, so that XLA shares no (N, V)
     intermediate (a float32 copy of 16-bit ``x``, a broadcast of ``m``) with the other kernels.
     """
-    x, m = lax.optimization_barrier((x, m))
+    x, m = own_read((x, m))
     axes = (x.ndim - 1,)
     if tw.ndim == 0:
         def neg_z(v: jax.Array, mm: jax.Array) -> jax.Array:
@@ -552,7 +553,7 @@ def _ce_x_jvp(
         zero = jnp.zeros_like(out)
         return (out, zero, (m, log_sum, lse)) if with_stats else (out, zero)
     keep = keeps_exp(x)
-    m, log_sum, lse, *e = _ce_row(lax.optimization_barrier(x), cd, x_y=x_y, keep_exp=keep)
+    m, log_sum, lse, *e = _ce_row(own_read(x), cd, x_y=x_y, keep_exp=keep)
     out = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
     stats = ((m, log_sum, lse),) if with_stats else ()
 

@@ -41,6 +41,7 @@ from ._rowstats import (
     floored_max,
     keeps_exp,
     masked_max,
+    own_read,
     patch_tiny,
     reduce_rows,
     row_log_sum,
@@ -277,7 +278,7 @@ def _log_softmax_core(
     m, log_sum, t_tiny = row_log_sum(axes, x, mask, with_tiny=True, out_dtype=x.dtype)
     # The output kernel reads x and the row statistics through a barrier: sharing an (N, V)
     # intermediate (z, or a broadcast of m) with the sums' kernel would materialise it.
-    xo, mo, lo = lax.optimization_barrier((x, m, log_sum))
+    xo, mo, lo = own_read((x, m, log_sum))
     ops = (xo, mo, lo, t_tiny) if mask is None else (xo, mo, lo, t_tiny, mask)
     return batch_whole(_log_softmax_out, axes)(*ops)
 
@@ -331,12 +332,12 @@ def _log_softmax_jvp(axes, primals, tangents):
     keep = keeps_exp(x, mask)
     if keep:
         m, log_sum, e = row_log_sum(
-            axes, lax.optimization_barrier(x), None, out_dtype=x.dtype, keep_exp=True
+            axes, own_read(x), None, out_dtype=x.dtype, keep_exp=True
         )
     elif mask is None:
-        m, log_sum = row_log_sum(axes, lax.optimization_barrier(x), None, out_dtype=x.dtype)
+        m, log_sum = row_log_sum(axes, own_read(x), None, out_dtype=x.dtype)
     else:
-        xb, maskb = lax.optimization_barrier((x, mask))
+        xb, maskb = own_read((x, mask))
         m, log_sum = row_log_sum(axes, xb, maskb, out_dtype=x.dtype)
     cd = log_sum.dtype
     # live = 1 for a row with an entry above -inf. m is a constant (stop_gradient after each
@@ -347,12 +348,12 @@ def _log_softmax_jvp(axes, primals, tangents):
     # their own: XLA would otherwise share a broadcast of the row statistics between the sums'
     # kernel, the caller's loss kernel and the backward kernel, and materialise it.
     # The mask is applied once to each, after (a select inside would cost another temporary).
-    mo, lo = lax.optimization_barrier((m, log_sum))
+    mo, lo = own_read((m, log_sum))
     out = _log_softmax_from(x, lax.stop_gradient(mo), lo, None)
     if keep:
         y = e * jnp.exp(-log_sum)
     else:
-        xb, mb, lb = lax.optimization_barrier((x, m, log_sum))
+        xb, mb, lb = own_read((x, m, log_sum))
         y = jnp.exp(_log_softmax_from(xb, lax.stop_gradient(mb), lb, None))
     if mask is not None:
         out = jnp.where(mask, out, -jnp.inf)

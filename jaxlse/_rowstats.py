@@ -42,17 +42,17 @@ from jax import lax
 
 from ._checks import compute_dtype
 
-# The (..., n) input is touched with arithmetic only (subtract, exp, floor, maximum, minimum):
-# no selects and no operations on the reduced statistics between the reductions. XLA:CPU then
-# fuses the max, the sums and the output of a row into one kernel, as it does for jax.nn's
-# softmax. Infinite rows are handled by the same arithmetic (see shifted); `where` masks need
-# selects.
+# XLA:CPU: the (..., n) input is touched with arithmetic only (subtract, exp, floor, maximum,
+# minimum), with no selects and no operation on the reduced statistics between the reductions,
+# so that the max, the sums and the output of a row fuse into one kernel as jax.nn's softmax does
+# (a comparison in it measured 2.5x slower). Infinite rows are handled by the same arithmetic
+# (see shifted); `where` masks need selects.
 #
-# XLA:CPU (jax 0.10) reduces rows longer than 32768 elements several times slower per byte than
-# shorter ones. Such rows are cut into blocks of at most _BLOCK elements that are reduced first,
-# and the block results are reduced second. The optimization barriers keep XLA from merging the two
-# reductions back into one; they change no value, so the result is the same on every backend. The
-# two-level sum is also more accurate than one long running sum.
+# XLA:CPU: rows longer than _LONG_ROW are cut into blocks of at most _BLOCK elements, reduced
+# first, and the block results second (jax 0.10 reduces longer rows several times slower per
+# byte: logsumexp at (1024, 131072) 0.14x jax.nn's time). The optimization barriers keep XLA from
+# merging the two reductions back into one; they change no value. The two-level sum is also
+# more accurate than one long running sum.
 _LONG_ROW = 32768
 _BLOCK = 16384
 _MIN_BLOCK = 1024
@@ -68,6 +68,18 @@ def _block_size(n: int) -> int | None:
     return None
 
 
+def own_read(ops: Any) -> Any:
+    """``ops`` unchanged, passed through an optimization barrier of their own.
+
+    XLA:CPU: a kernel that reads ``x`` (and the row statistics) this way shares no (N, V)
+    intermediate with the other kernels (``z``, a broadcast of ``m``, a float32 copy of 16-bit
+    ``x``), which XLA:CPU would materialise (measured: bfloat16 cross_entropy value_and_grad
+    keeps 0.001 of the logits in temporaries with it, optax 4.0; log_softmax's 0.003, jax.nn
+    1.0). It changes no value and is differentiable, so higher derivatives stay exact.
+    """
+    return lax.optimization_barrier(ops)
+
+
 def _add(a: jax.Array, b: jax.Array) -> jax.Array:
     # A module-level function (not a lambda), so that lax.reduce's cache sees the same one.
     return a + b
@@ -77,10 +89,11 @@ def _add(a: jax.Array, b: jax.Array) -> jax.Array:
 def row_sum(v: jax.Array, dims: tuple[int, ...]) -> jax.Array:
     """``jnp.sum(v, dims)`` as a reduce whose initial value is ``-0.0``.
 
-    XLA shares equal constants between kernels; when the 0 that starts a user's ``jnp.sum`` of
-    our per-example outputs is shared with the 0 that starts our (N, V) sums, XLA:CPU passes it
-    to our kernel as a runtime value and runs that kernel several times slower. ``-0.0`` is as
-    good a start for a sum and is not shared. Differentiated as ``jnp.sum``.
+    XLA:CPU: XLA shares equal constants between kernels; when the 0 that starts a user's
+    ``jnp.sum`` of our per-example outputs is shared with the 0 that starts our (N, V) sums,
+    XLA:CPU passes it to our kernel as a runtime value and runs that kernel several times
+    slower. ``-0.0`` is as good a start for a sum and is not shared. Differentiated as
+    ``jnp.sum``.
     """
     return lax.reduce(v, np.array(-0.0, v.dtype), _add, dims)
 
@@ -95,10 +108,10 @@ def floored_max(v: jax.Array, dims: tuple[int, ...]) -> jax.Array:
     """``max(-big, max over dims of v)``, dims dropped: a row with no entry or only -inf gets
     -big (the dtype's most negative finite value); NaN propagates.
 
-    A plain reduce with initial value -big (not jnp.max(..., initial=...), which adds a separate
-    maximum op that splits XLA:CPU's fused kernel). Over a single entry XLA turns the reduce
-    into a reshape and drops its initial value (measured: max(-inf) came out -inf), so there
-    the floor is an explicit maximum.
+    XLA:CPU: a plain reduce with initial value -big, not ``jnp.max(..., initial=...)``, whose
+    separate maximum op splits the fused max-and-sum kernel (one kernel more per call). Over a
+    single entry XLA turns the reduce into a reshape and drops its initial value (measured:
+    max(-inf) came out -inf), so there the floor is an explicit maximum.
     """
     big = jnp.finfo(v.dtype).max
     if math.prod(v.shape[d] for d in dims) == 1:
@@ -136,7 +149,8 @@ def reduce_rows(
         return _sum_one_row(fn, arrays, per_row, shape, n).reshape((1,) * ndim)
     if k is None and (not trailing or (ndim == 2 and nred == 1)):
         return red(fn(*arrays), axis=axes, keepdims=True)
-    # Trailing axes are reduced as a (rows, n) matrix: XLA:CPU sums other layouts, such as a
+    # XLA:CPU (accuracy): trailing axes are reduced as a (rows, n) matrix; XLA:CPU sums other
+    # layouts, such as a
     # batch with a leading axis of size 1, e.g. (1, N, V), in another order, measured several
     # ulp less accurate than the same rows as (N, V). Per-row arrays become (rows, 1).
     flat = [
@@ -176,7 +190,7 @@ def _sum_one_row(
 ) -> jax.Array:
     """The sum of ``fn(*arrays)`` over every entry of a single row, as a (1,) array.
 
-    XLA:CPU sums into a single result in an order that is measured up to 16 ulp off for 8192
+    XLA:CPU (accuracy): it sums into a single result in an order measured up to 16 ulp off for 8192
     positive terms, while the same terms cut into a few rows and summed per row are within
     about 1 ulp. The row is summed as ``_SPLIT_ONE_ROW`` rows (plus a short remainder), whose
     sums are added up in a reduction of their own (behind an optimization barrier, which keeps
@@ -239,10 +253,10 @@ def shifted(
     are ``-inf``. 16-bit ``x`` (and ``m``, which is exact in ``x``'s dtype) is converted to
     float32 here, inside each kernel that reads it.
 
-    ``x`` is clipped to the clipped row max ``mc = min(m, big)`` (the same as clipping it to
-    ``big``, as ``x <= m`` for every included entry): no (N, V) operation takes a constant
-    operand, which XLA:CPU would turn into a full-size broadcast and materialise as an input of
-    its fused reduction. ``m`` is clipped before broadcasting.
+    XLA:CPU: ``x`` is clipped to the clipped row max ``mc = min(m, big)`` (the same as clipping
+    it to ``big``, as ``x <= m`` for every included entry), so that no (N, V) operation takes a
+    constant operand, which XLA:CPU turns into a full-size broadcast and materialises as an
+    input of its fused reduction (a full (N, V) temporary). ``m`` is clipped before broadcasting.
 
     ``clip_inf=False`` leaves ``+inf`` entries as they are (``z = +inf``), for a caller whose
     result is ``+inf`` for such a row anyway (logsumexp); one operation less per entry.
@@ -271,19 +285,18 @@ def probs(
 ) -> jax.Array:
     """``softmax = exp(z - L)`` for a rule's backward pass, from ``x`` and per-row statistics.
 
-    ``scale`` (per row) multiplies it. The per-row values (the clipped max, ``L``, ``scale``)
-    are formed before an optimization barrier, so that the (N, V) kernel reads them rather
-    than recomputing them for every entry (measured 3x slower at (256, 1000)), and the barrier
-    keeps XLA from sharing (N, V) intermediates (``z``, a float32 copy of 16-bit ``x``,
-    broadcasts of the row statistics) between the forward kernels and this backward one:
-    XLA:CPU materialises any such shared intermediate, which costs a full (N, V) temporary. It
-    changes no value and is differentiable, so higher derivatives stay exact. Excluded entries
-    give 0 whatever they hold.
+    ``scale`` (per row) multiplies it. Excluded entries give 0 whatever they hold.
+
+    XLA:CPU: the per-row values (the clipped max, ``L``, ``scale``) are formed before a barrier
+    (:func:`own_read`), so that the (N, V) kernel reads them rather than recomputing them for
+    every entry (measured 3x slower at (256, 1000)), and the barrier keeps XLA from sharing
+    (N, V) intermediates (``z``, a float32 copy of 16-bit ``x``, broadcasts of the row
+    statistics) between the forward kernels and this backward one, which would cost a full
+    (N, V) temporary.
     """
     cd = compute_dtype(x.dtype)
     mc = jnp.minimum(m.astype(cd), jnp.finfo(cd).max)
-    ops = (x, mc, log_sum, mask, scale)
-    x, mc, log_sum, mask, scale = lax.optimization_barrier(ops)
+    x, mc, log_sum, mask, scale = own_read((x, mc, log_sum, mask, scale))
     p = jnp.exp(shifted(x, mc, mask) - log_sum)
     return p if scale is None else p * scale
 
@@ -361,8 +374,8 @@ def _below(
     else:
         e = jnp.exp(s)
     # 1 where s < 0, 0 at the max (s = 0): |s| >= tiny whenever s != 0 (a difference of two
-    # floats that is below tiny is subnormal, which XLA:CPU flushes to 0: a tie). Arithmetic,
-    # not a comparison, which would split XLA:CPU's fused reduction (measured 2.5x slower).
+    # floats that is below tiny is subnormal, which XLA:CPU flushes to 0: a tie).
+    # XLA:CPU: arithmetic, not a comparison, which splits the fused reduction (2.5x slower).
     if two_sum:
         e = e + e * err
     return e * jnp.minimum(s * (-1 / info.tiny), 1.0)
@@ -384,9 +397,9 @@ def _log1p(t: jax.Array) -> jax.Array:
 # few ulp off, which log(S) turns into up to ~26 ulp of a small L (measured for S in [1.1, 4]).
 # Above it, L >= log(8) = 2.08 and log(S) is within about 2 ulp.
 _EXACT_BELOW = 8.0
-# float32 and float64 inputs of at most this many entries may keep exp(z) for the backward
-# pass (the rules of log_softmax and cross_entropy): they stay in cache, where a second exp
-# per entry costs more than keeping the first.
+# XLA:CPU: float32 and float64 inputs of at most this many entries may keep exp(z) for the
+# backward pass (the rules of log_softmax and cross_entropy): they stay in cache, where a second
+# exp per entry costs more than keeping the first (measured 1.2-1.5x faster at (256, 1000)).
 _KEEP_EXP_MAX = 1 << 20
 
 
@@ -443,7 +456,8 @@ def _sum_below(
     With ``budget == 0`` every row is summed. Otherwise (see :func:`_few_budget`; the caller has
     checked that at most ``budget`` rows need it) only the rows that need it are summed, and
     the others get 0. float32 and float64 rows are summed one at a time in a loop, which keeps
-    no temporary, so that the rules' backward passes may use it too. 16-bit rows are gathered
+    no temporary, so that the rules' backward passes may use it too. XLA:CPU: 16-bit rows are
+    gathered
     into a (budget, n) temporary (1/8 of ``x`` at most) and summed together: XLA:CPU runs a
     16-bit slice inside a loop in float32, converting the whole of ``x`` once, outside the
     loop, which would cost a full float32 copy. A single row is summed as :func:`reduce_rows` sums
@@ -478,7 +492,7 @@ def _sum_below(
 def take_last(x: jax.Array, idx: jax.Array) -> jax.Array:
     """``jnp.take_along_axis(x, idx, axis=-1)``, differentiated as it is.
 
-    16-bit floats are gathered as unsigned integers of the same width: XLA:CPU rewrites a
+    XLA:CPU: 16-bit floats are gathered as unsigned integers of the same width; XLA:CPU rewrites a
     16-bit gather followed by a conversion to float32 as a gather from a float32 copy of the
     whole of ``x``, which it then shares with the other kernels that convert ``x`` and
     materialises (a full float32 copy, measured for cross_entropy's label logits).
@@ -506,7 +520,7 @@ def _three_way(
     """``none(*operands)`` if no row ``need``s a pass, else ``some(budget, *operands)``.
 
     ``budget`` is :func:`_few_budget`'s when at most that many rows need it, else 0 (every row).
-    One switch (not nested conds, which cost more at small shapes).
+    XLA:CPU: one switch, not nested conds (one launch more per call at small shapes).
     """
     budget = _few_budget(axes, args)
     if not budget:
@@ -554,9 +568,9 @@ def _exact_log_sum(
         def corrected(budget: int, args: tuple[jax.Array, ...], two: jax.Array) -> jax.Array:
             if not budget:
                 return _sum_below(axes, args, two, 0)
-            # The plain pass reads x through a barrier of its own: sharing a float32 copy of
-            # 16-bit x with the gather of the rows would materialise it.
-            plain = plain_sum(lax.optimization_barrier(args), two)
+            # XLA:CPU: the plain pass reads x through a barrier of its own; sharing a float32
+            # copy of 16-bit x with the gather of the rows materialised it (bf16 vg temp 2.0).
+            plain = plain_sum(own_read(args), two)
             return jnp.where(two, _sum_below(axes, args, two, budget), plain)
 
         return _three_way(axes, args, two, plain_sum, corrected, args, two)
@@ -585,7 +599,7 @@ def _exact_log_sum(
         small = need & (t < 2.0**-80) & (k == 1)
 
         def rescan(args: tuple[jax.Array, ...], small: jax.Array) -> jax.Array:
-            args = lax.optimization_barrier(args)
+            args = own_read(args)
             below = partial(_below, scaled=True)
             return jnp.where(small, reduce_rows("sum", below, axes, *args), 0.0)
 
