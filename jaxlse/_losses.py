@@ -84,11 +84,19 @@ def _row(v: jax.Array, ndim: int) -> jax.Array:
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
-def _label_index(labels: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
-    """``(valid, idx)``: which integer labels are classes, and the labels with the others at 0
-    (a safe index: their examples are NaN or excluded, never a wrapped-around class)."""
+def _label_index(
+    labels: jax.Array, num_classes: int, counted: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """``(bad, idx)``: the counted examples whose integer label is not a class, and the labels
+    with those that are not classes at 0 (a safe index, never a wrapped-around class).
+
+    Only ``bad`` examples are NaN. An example that does not count (ignored, or excluded by
+    ``where``) is never bad, whatever its label: a NaN made for it and then hidden by a select
+    would come back in the transpose of that select (0 * NaN), e.g. in ``jacrev(jacfwd(f))``.
+    """
     valid = (labels >= 0) & (labels < num_classes)
-    return valid, jnp.where(valid, labels, 0)
+    bad = jnp.logical_not(valid) if counted is None else counted & jnp.logical_not(valid)
+    return bad, jnp.where(valid, labels, 0)
 
 
 def _concrete(v: object) -> bool:
@@ -246,12 +254,11 @@ def _pick(lp: jax.Array, idx: jax.Array, bad: jax.Array) -> jax.Array:
 def _pick_jvp(primals, tangents):
     lp, idx, bad = primals
     lp_dot = tangents[0]
-    # The gathered tangent, plus NaN times the whole row of a bad label, so that its gradient
-    # row is NaN. Only the tangent touches the row: the forward pass stays a gather. The inner
-    # select keeps the NaN factor out of the other rows (also when transposed).
-    row = jnp.sum(jnp.where(bad[..., None], lp_dot, 0.0), axis=-1)
+    # The gathered tangent; 0 for a bad label, whose value is NaN. No NaN factor: a linear
+    # map with one would give 0 * NaN = NaN in every reverse-mode derivative, also in those of
+    # the other examples' losses (jacrev of per-example losses), where forward mode gives 0.
     out_dot = jnp.take_along_axis(lp_dot, idx[..., None], axis=-1)[..., 0]
-    return _pick(lp, idx, bad), out_dot + row * nan_where(bad, row.dtype)
+    return _pick(lp, idx, bad), jnp.where(bad, 0.0, out_dot)
 
 
 def nll_loss(
@@ -294,7 +301,8 @@ def nll_loss(
     Returns:
       A float array: the per-example losses (batch shape) for ``"none"``, else a scalar. Its
       dtype is float32 for float16 / bfloat16 / float32 input and float64 for float64 input.
-      A counted integer label outside ``[0, num_classes)`` gives NaN for that example.
+      A counted integer label outside ``[0, num_classes)`` gives NaN for that example's loss
+      (and so for a sum or mean), and nothing to any derivative, as in :func:`cross_entropy`.
 
     Raises:
       TypeError: if ``log_probs`` or ``weight`` is not real, or ``labels`` is neither integer
@@ -327,8 +335,8 @@ def nll_loss(
         loss = jnp.sum(terms, axis=-1)
         denom = counted.astype(out_dtype)
     else:
-        valid, idx = _label_index(lab, num_classes)
-        picked = _pick(lp, idx, counted & jnp.logical_not(valid)).astype(out_dtype)
+        bad, idx = _label_index(lab, num_classes, counted)
+        picked = _pick(lp, idx, bad).astype(out_dtype)
         wy = jnp.ones_like(picked) if w is None else w[idx]
         loss = -wy * picked
         denom = jnp.where(counted, wy, 0.0)
@@ -458,8 +466,8 @@ def _ce_loss(
         scale = jnp.asarray(1, cd)
         bad = None
     else:
-        valid, idx = _label_index(labels, num_classes)
-        idx = idx[..., None]
+        bad, idx = _label_index(labels, num_classes, counted)
+        bad, idx = bad[..., None], idx[..., None]
         # Scalars, not arrays of ones, when there is no weight: XLA:CPU slows down a lot when a
         # constant array is shared between kernels.
         wy = jnp.asarray(1, cd) if weight is None else weight[idx]
@@ -477,7 +485,6 @@ def _ce_loss(
                 sw_total = jnp.sum(sw)
             loss = loss + sw_total * log_sum + _weighted_neg_z(x, m, sw)
         scale = wy
-        bad = jnp.logical_not(valid)[..., None]
     # where, not a product: lse**2 overflows for logits near 1e20 even when z_loss is 0.
     loss = loss + jnp.where(zeta > 0, zeta * scale * jnp.square(lse), 0.0)
     if bad is not None:
@@ -544,7 +551,9 @@ def _ce_x_jvp(
     # faster at (256, 1000)), and e's buffer becomes the gradient's, so no temporary either.
     # m is held constant and L = log(sum exp z) is differentiable, so higher derivatives stay
     # exact. Rows that do not count get exactly 0 (a select, not a product, so NaN or inf in
-    # them cannot leak); a counted row with a bad label gets NaN.
+    # them cannot leak), and so does a counted row with a bad label (its loss is NaN; a NaN
+    # factor in this linear map would come back as 0 * NaN in the reverse-mode derivatives
+    # of the other examples' losses).
     num_classes, cd = x.shape[-1], eps.dtype
     x_y = None if soft else _label_logit(x, labels, cd)
     if _is_zero(x_dot):
@@ -571,10 +580,9 @@ def _ce_x_jvp(
     # Integer labels: d loss = sum_c (A p_c - s_c) dx_c - coef dx_y. The label's term is a
     # gather of the tangent rather than a one-hot (N, V) term, so that the (N, V) kernel is
     # exp, two subtractions and a product per entry (its transpose adds the label's term with
-    # a scatter into the gradient, in place). The per-example factors are formed per row; a
-    # bad label makes A, and so its whole gradient row, NaN.
-    valid, idx = _label_index(labels, num_classes)
-    idx = idx[..., None]
+    # a scatter into the gradient, in place). The per-example factors are formed per row.
+    bad, idx = _label_index(labels, num_classes, counted)
+    bad, idx = bad[..., None], idx[..., None]
     wy = jnp.asarray(1, cd) if weight is None else weight[idx]
     coef = (1 - eps) * wy
     a = coef
@@ -587,11 +595,11 @@ def _ce_x_jvp(
             a = a + eps / num_classes * jnp.sum(weight)
             smooth = _row(eps / num_classes * weight, x.ndim)
     a = a + jnp.where(zeta > 0, 2 * zeta * wy * lse, 0.0)
-    bad = jnp.logical_not(valid[..., None])
-    g = prob(jnp.where(bad, nan_where(bad, cd), a))
+    g = prob(a)
     g = g if smooth is None else g - smooth
-    g = jnp.where(counted[..., None], g, 0.0)
-    coef = jnp.where(counted[..., None], coef, 0.0)
+    live = counted[..., None] & jnp.logical_not(bad)
+    g = jnp.where(live, g, 0.0)
+    coef = jnp.where(live, coef, 0.0)
     if jnp.dtype(x.dtype).itemsize == 2:
         # 16-bit logits keep the one-hot term in the (N, V) kernel: XLA:CPU adds a scatter to a
         # 16-bit array in float32, which would materialise a float32 gradient.
@@ -670,8 +678,10 @@ def cross_entropy(
       bfloat16 and float32 logits (so low-precision logits do not quantise the loss), float64
       for float64 logits. The gradient has the logits' dtype. Excluded examples give 0 with a
       zero gradient whatever their logits hold. A counted integer label outside
-      ``[0, num_classes)`` gives NaN for that example's loss and gradient (under ``jit``;
-      eagerly it raises), and a negative label never wraps around.
+      ``[0, num_classes)`` gives NaN for that example's loss, and so for a sum or mean (under
+      ``jit``; eagerly it raises), and a negative label never wraps around. Such an example
+      adds nothing to any derivative: a NaN there would spread, as ``0 * NaN``, into the
+      reverse-mode derivatives of the other examples' losses.
 
     Raises:
       TypeError: if ``logits`` or ``weight`` is not real, ``labels`` is neither integer nor
