@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._linear_ce import linear_cross_entropy as linear_cross_entropy
 from ._losses import cross_entropy as cross_entropy
 from ._losses import nll_loss as nll_loss
 from ._lse import log_softmax as log_softmax
@@ -13,4 +14,11 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
-__all__ = ["cross_entropy", "log_softmax", "logsumexp", "nll_loss", "softmax"]
+__all__ = [
+    "cross_entropy",
+    "linear_cross_entropy",
+    "log_softmax",
+    "logsumexp",
+    "nll_loss",
+    "softmax",
+]

@@ -1,0 +1,530 @@
+r"""linear_cross_entropy: the cross-entropy of a linear layer's logits, never materialised.
+
+For tokens :math:`x_n \in \mathbb{R}^d`, a weight :math:`W \in \mathbb{R}^{d \times V}` and a
+bias :math:`b`, the logits are :math:`\ell_{nv} = x_n \cdot W_{:,v} + b_v`. The loss is that of
+:func:`jaxlse.cross_entropy` on them, computed over chunks of ``chunk`` classes (columns of
+:math:`W`), so that no (N, V) array exists at any time, in the forward pass or in any derivative.
+
+Forward pass: one scan over the chunks keeps, per token and in float32 (float64 for float64
+input), the running max :math:`m`, the sum :math:`t` of the terms :math:`e^{\ell - m}` strictly
+below it and the count :math:`k` of entries equal to it; when a chunk raises the max, :math:`t`
+and the old max entries are rescaled by :math:`e^{m_\text{old} - m_\text{new}}`. Then
+:math:`L = \operatorname{log1p}(t + k - 1)` is :math:`\operatorname{logsumexp}(\ell) - m` with full
+relative accuracy when it is small, and the loss of a token is assembled as in cross_entropy
+from the non-negative :math:`L - z_y` (:math:`z_y = \ell_y - m`, taken from the same chunk's
+logits, so that it is exactly 0 when the label holds the max).
+
+Derivatives: the row statistics have a custom JVP rule whose tangent is another scan over the
+chunks, linear in the tangents :math:`(\dot x, \dot W, \dot b)`:
+:math:`\dot L_n = \sum_v p_{nv}\,\dot\ell_{nv}` with :math:`p = \operatorname{softmax}(\ell)`
+rebuilt from the statistics and
+:math:`\dot\ell_{nv} = \dot x_n \cdot W_{:,v} + x_n \cdot \dot W_{:,v} + \dot b_v`. Its chunk
+body is under :func:`jax.checkpoint`, so reverse mode (the transpose of that scan) saves no
+logits block but recomputes it: the backward pass is, per chunk,
+:math:`G = A p - B` (per-token :math:`A`, one-hot and smoothing :math:`B`) and
+:math:`\bar x \mathrel{+}= G W_c^\top`, :math:`\bar W_c = x^\top G`, :math:`\bar b_c = 1^\top G`.
+Forward mode (``jax.jvp``, ``jax.jacfwd``, Hessians) runs the same scans forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+from jax.typing import ArrayLike
+
+# The jaxlse internals this module uses, all here (argument checks and reductions are those of
+# cross_entropy, so that options, dtypes and error messages agree).
+from ._checks import as_float_array, compute_dtype, nan_where, promoted_float
+from ._losses import Reduction, _concrete, _label_index, _prepare, _reduce_loss
+
+_FN = "linear_cross_entropy"
+
+# chunk_size=None: a chunk of classes is sized so that one (N, chunk) float32 logits block is
+# about _BLOCK_BYTES, a multiple of _CHUNK_ALIGN classes between _CHUNK_ALIGN and _MAX_CHUNK.
+_BLOCK_BYTES = 4 << 20
+_CHUNK_ALIGN = 128
+_MAX_CHUNK = 8192
+
+
+def _auto_chunk(num_tokens: int, num_classes: int) -> int:
+    """The chunk size that ``chunk_size=None`` picks (see the module constants)."""
+    chunk = _BLOCK_BYTES // (4 * max(num_tokens, 1))
+    chunk = min(max(chunk // _CHUNK_ALIGN * _CHUNK_ALIGN, _CHUNK_ALIGN), _MAX_CHUNK)
+    return min(chunk, num_classes)
+
+
+class _Static(NamedTuple):
+    """The static configuration of the row statistics."""
+
+    chunk: int  # classes per chunk; the last chunk has the remainder (no padding)
+    uniform: bool  # smoothing weights: a scalar for every class (True) or a (V,) array
+
+
+def _is_zero(t: object) -> bool:
+    return t is None or isinstance(t, SymbolicZero)
+
+
+def _chunk_logits(
+    x: jax.Array, w: jax.Array, b: jax.Array | None, c0: jax.Array | int, size: int
+) -> tuple[jax.Array, jax.Array]:
+    """``(x @ w[:, c0:c0 + size] + b[c0:c0 + size], w[:, c0:c0 + size])``."""
+    wc = lax.dynamic_slice_in_dim(w, c0, size, axis=1)
+    logits = jnp.dot(x, wc)
+    if b is not None:
+        logits = logits + lax.dynamic_slice_in_dim(b, c0, size)[None, :]
+    return logits, wc
+
+
+def _capped(logits: jax.Array, cap: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """``(cap * tanh(logits / cap), tanh(logits / cap))``, or ``(logits, None)`` without a cap."""
+    if cap is None:
+        return logits, None
+    u = jnp.tanh(logits / cap)
+    return cap * u, u
+
+
+def _over_chunks(step, carry, num_classes: int, chunk: int, checkpoint: bool = False):
+    """Runs ``carry = step(carry, c0, size)`` over the chunks: a scan over the full chunks and
+    one call for the remainder (its own static size, so no padding enters any sum)."""
+    full, rem = divmod(num_classes, chunk)
+
+    def body(carry, i):
+        return step(carry, i * chunk, chunk), None
+
+    if checkpoint:
+        body = jax.checkpoint(body, prevent_cse=False)
+    if full == 1:
+        carry = body(carry, 0)[0]
+    elif full > 1:
+        carry = lax.scan(body, carry, jnp.arange(full, dtype=jnp.int32))[0]
+    if rem:
+        last = partial(step, c0=full * chunk, size=rem)
+        carry = (jax.checkpoint(last, prevent_cse=False) if checkpoint else last)(carry)
+    return carry
+
+
+def _stats_pass(
+    static: _Static,
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None,
+    idx: jax.Array,
+    sw: jax.Array | None,
+    cap: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(m, L, l_y, r)`` per token: the max, ``L = logsumexp - m``, the label's logit and
+    ``r = sum_v sw_v (m - l_v)`` (0 without smoothing weights ``sw``). Every floating input is
+    in the compute dtype (float32 or float64); the logits are capped if ``cap`` is given."""
+    cd = x.dtype
+    big = jnp.finfo(cd).max
+    n = x.shape[0]
+    zeros = jnp.zeros((n,), cd)
+    seen = jnp.zeros((), cd)
+
+    def step(carry, c0, size):
+        m, t, k, l_y, r, seen = carry
+        logits, _ = _capped(_chunk_logits(x, w, b, c0, size)[0], cap)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+        z = logits - m_new[:, None]
+        # Terms strictly below the (new) max, and the entries at it. A raised max turns the old
+        # max entries into terms below it: each e^(m - m_new), like the rescaled t. The entries
+        # at the max are found by a comparison, not by z == 0: XLA:CPU contracts the capped
+        # logits' product cap * tanh(.) with the subtraction of m into one fused multiply-add,
+        # which gives the max entry a z of the product's rounding error instead of 0.
+        at_max = logits >= m_new[:, None]
+        t_c = jnp.sum(jnp.where(at_max, 0.0, jnp.exp(z)), axis=1)
+        k_c = jnp.sum(at_max.astype(cd), axis=1)
+        scale = jnp.exp(m - m_new)
+        moved = m < m_new
+        t = t * scale + jnp.where(moved, k * scale, 0.0) + t_c
+        k = jnp.where(moved, 0.0, k) + k_c
+        cols = c0 + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+        l_y = l_y + jnp.sum(jnp.where(cols == idx[:, None], logits, 0.0), axis=1)
+        if sw is not None:
+            # r = sum over the classes so far of sw_v (m - l_v) >= 0, kept for the running max:
+            # a raised max adds (m_new - m) times the weight of the classes already seen.
+            raised = jnp.where(seen > 0, (m_new - m) * seen, 0.0)
+            neg_z = -z
+            if static.uniform:
+                r = r + raised + sw * jnp.sum(neg_z, axis=1)
+                seen = seen + sw * size
+            else:
+                swc = lax.dynamic_slice_in_dim(sw, c0, size)[None, :]
+                # 0 * inf = 0 at a -inf logit of a class with weight 0.
+                term = jnp.where(swc == 0, 0.0, swc * neg_z)
+                r = r + raised + jnp.sum(term, axis=1)
+                seen = seen + jnp.sum(swc)
+        return m_new, t, k, l_y, r, seen
+
+    carry = (jnp.full((n,), -big, cd), zeros, zeros, zeros, zeros, seen)
+    m, t, k, l_y, r, _ = _over_chunks(step, carry, w.shape[1], static.chunk)
+    # k max entries and t below them: L = log(k + t) = log1p(t + k - 1); 0 in a row whose
+    # entries are all -inf (k = 0, as in cross_entropy).
+    log_sum = jnp.log1p(t + jnp.maximum(k - 1, 0.0))
+    return m, log_sum, l_y, r
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _row_stats(
+    static: _Static,
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None,
+    idx: jax.Array,
+    sw: jax.Array | None,
+    cap: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """:func:`_stats_pass` with the custom JVP below."""
+    return _stats_pass(static, x, w, b, idx, sw, cap)
+
+
+def _row_stats_jvp(static, primals, tangents):
+    x, w, b, idx, sw, cap = primals
+    x_dot, w_dot, b_dot, _, sw_dot, cap_dot = tangents
+    out = _row_stats(static, x, w, b, idx, sw, cap)
+    m, log_sum = out[0], out[1]
+    cd = m.dtype
+    # Kept for the backward pass: x, w, b and the per-token statistics, nothing per class. The
+    # chunk body is checkpointed, so the transpose of this scan recomputes each logits block
+    # (one more matmul per chunk) instead of saving it. m is held constant (zero tangent):
+    # L's tangent is that of logsumexp, and every use of m is in m + L, l_y - m or m - l_v.
+    dx = None if _is_zero(x_dot) else x_dot
+    dw = None if _is_zero(w_dot) else w_dot
+    db = None if _is_zero(b_dot) else b_dot
+    dsw = None if _is_zero(sw_dot) else sw_dot
+    dcap = None if _is_zero(cap_dot) else cap_dot
+    n = x.shape[0]
+
+    def step(acc, c0, size):
+        a_l, a_y, a_r = acc
+        logits, wc = _chunk_logits(x, w, b, c0, size)
+        capped, u = _capped(logits, cap)
+        d_logits = None
+        if dx is not None:
+            d_logits = jnp.dot(dx, wc)
+        if dw is not None:
+            term = jnp.dot(x, lax.dynamic_slice_in_dim(dw, c0, size, axis=1))
+            d_logits = term if d_logits is None else d_logits + term
+        if db is not None:
+            term = lax.dynamic_slice_in_dim(db, c0, size)[None, :]
+            d_logits = term if d_logits is None else d_logits + term
+        if cap is not None:
+            # d(cap tanh(l / cap)) = (1 - u^2) dl + (u - (l / cap)(1 - u^2)) dcap.
+            slope = 1 - u * u
+            d_logits = None if d_logits is None else slope * d_logits
+            if dcap is not None:
+                term = dcap * (u - (logits / cap) * slope)
+                d_logits = term if d_logits is None else d_logits + term
+        if d_logits is not None:
+            p = jnp.exp(capped - (m + log_sum)[:, None])
+            a_l = a_l + jnp.sum(p * d_logits, axis=1)
+            cols = c0 + lax.broadcasted_iota(jnp.int32, (1, size), 1)
+            a_y = a_y + jnp.sum(jnp.where(cols == idx[:, None], d_logits, 0.0), axis=1)
+        if sw is not None:
+            if d_logits is not None:
+                if static.uniform:
+                    a_r = a_r - sw * jnp.sum(d_logits, axis=1)
+                else:
+                    swc = lax.dynamic_slice_in_dim(sw, c0, size)[None, :]
+                    a_r = a_r - jnp.sum(swc * d_logits, axis=1)
+            if dsw is not None:
+                neg_z = m[:, None] - capped
+                if static.uniform:
+                    a_r = a_r + dsw * jnp.sum(neg_z, axis=1)
+                else:
+                    swc = lax.dynamic_slice_in_dim(sw, c0, size)[None, :]
+                    dswc = lax.dynamic_slice_in_dim(dsw, c0, size)[None, :]
+                    # The derivative in a zero weight at a -inf logit is taken as 0, as the
+                    # value's 0 * inf is.
+                    safe = jnp.where((swc == 0) & (neg_z == jnp.inf), 0.0, neg_z)
+                    a_r = a_r + jnp.sum(dswc * safe, axis=1)
+        return a_l, a_y, a_r
+
+    zeros = jnp.zeros((n,), cd)
+    dl, dy, dr = _over_chunks(step, (zeros, zeros, zeros), w.shape[1], static.chunk, True)
+    return out, (jnp.zeros_like(m), dl, dy, dr)
+
+
+_row_stats.defjvp(_row_stats_jvp, symbolic_zeros=True)
+
+
+def _token_losses(
+    static: _Static,
+    smoothing: bool,
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None,
+    labels: jax.Array,
+    weight: jax.Array | None,
+    eps: jax.Array,
+    zeta: jax.Array,
+    cap: jax.Array | None,
+    counted: jax.Array,
+) -> jax.Array:
+    """Per-token losses for ``x`` of shape (N, d) and labels (N,); 0 where not ``counted``."""
+    cd = eps.dtype
+    num_classes = w.shape[1]
+    # Excluded tokens read zeros: their logits are the bias and their gradient is 0 even if x
+    # holds inf or NaN there (a select, so nothing of theirs reaches dW).
+    x = jnp.where(counted[:, None], x, jnp.zeros((), x.dtype))
+    bad, idx = _label_index(labels, num_classes, counted)
+    sw = None
+    if smoothing:
+        sw = eps / num_classes if weight is None else eps / num_classes * weight
+    m, log_sum, l_y, r = _row_stats(static, x, w, b, idx, sw, cap)
+    wy = jnp.asarray(1, cd) if weight is None else weight[idx]
+    # -log p_y = L - z_y with z_y = l_y - m <= 0: both terms >= 0.
+    loss = (1 - eps) * wy * (log_sum - (l_y - m))
+    if smoothing:
+        sw_total = eps if weight is None else jnp.sum(sw)
+        loss = loss + sw_total * log_sum + r
+    lse = m + log_sum
+    # where, not a product: lse**2 overflows for logits near 1e20 even when z_loss is 0.
+    loss = loss + jnp.where(zeta > 0, zeta * wy * jnp.square(lse), 0.0)
+    # A counted token with a label out of range: NaN, and (through L) a NaN gradient.
+    loss = loss + nan_where(bad, cd) * log_sum
+    return jnp.where(counted, loss, 0.0)
+
+
+_token_losses_jit = jax.jit(_token_losses, static_argnums=(0, 1))
+
+
+def _prepared_labels(
+    batch: tuple[int, ...],
+    num_classes: int,
+    dtype: jnp.dtype,
+    labels: ArrayLike,
+    weight: ArrayLike | None,
+    ignore_index: int | None,
+    where: ArrayLike | None,
+    reduction: str,
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """``(labels, weight, counted)`` from cross_entropy's ``_prepare``, without logits.
+
+    ``_prepare`` reads only the shape and dtype of the logits, so an abstract stand-in of shape
+    ``batch + (num_classes,)`` takes their place and no (N, V) array is made. With concrete
+    arguments it runs under ``jax.eval_shape`` (which supplies the stand-in) and
+    ``jax.ensure_compile_time_eval`` (so that the labels stay concrete and an out-of-range
+    label raises eagerly, as in cross_entropy); under a trace it runs in a ``jax.jit`` whose
+    stand-in zeros XLA removes, as nothing reads them.
+    """
+    shape = (*batch, num_classes)
+    if all(_concrete(v) for v in (labels, weight, where)):
+        found = []
+
+        def trace(proxy: jax.Array) -> None:
+            with jax.ensure_compile_time_eval():
+                found.append(_prepare(
+                    _FN, proxy, labels, -1, weight, ignore_index, where, reduction
+                ))
+
+        jax.eval_shape(trace, jax.ShapeDtypeStruct(shape, dtype))
+        _, lab, _, wt, counted, _ = found[0]
+        return lab, wt, counted
+    return _prepare_traced(shape, jnp.dtype(dtype), ignore_index, reduction)(
+        labels, weight, where
+    )
+
+
+@functools.cache
+def _prepare_traced(shape, dtype, ignore_index, reduction):
+    def prepare(labels, weight, where):
+        proxy = jnp.zeros(shape, dtype)
+        _, lab, _, wt, counted, _ = _prepare(
+            _FN, proxy, labels, -1, weight, ignore_index, where, reduction
+        )
+        return lab, wt, counted
+
+    return jax.jit(prepare)
+
+
+def linear_cross_entropy(
+    x: ArrayLike,
+    w: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float | ArrayLike = 0.0,
+    z_loss: float | ArrayLike = 0.0,
+    soft_cap: float | ArrayLike | None = None,
+    reduction: Reduction = "mean",
+    where: ArrayLike | None = None,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    r"""Cross-entropy of the logits ``x @ w + bias`` without ever forming them (an LM head's loss).
+
+    Equal to ``cross_entropy(x @ w + bias, labels, ...)`` with the same options:
+
+    .. math::
+      \ell_n = (1 - \varepsilon)\, w_{y_n} \big(\operatorname{logsumexp}(z_n) - z_{n y_n}\big)
+      + \frac{\varepsilon}{V} \sum_v w_v \big(\operatorname{logsumexp}(z_n) - z_{nv}\big)
+      + \zeta\, w_{y_n} \operatorname{logsumexp}(z_n)^2,
+      \qquad z_{nv} = x_n \cdot W_{:,v} + b_v,
+
+    with :math:`W` = ``w``, :math:`b` = ``bias`` (0 if None), :math:`w_v` = ``weight`` (1 if
+    None), :math:`\varepsilon` = ``label_smoothing``, :math:`\zeta` = ``z_loss`` and :math:`V`
+    the number of classes; with ``soft_cap`` = :math:`\kappa` the logits first become
+    :math:`\kappa \tanh(z / \kappa)`. The logits are computed ``chunk_size`` classes (columns of
+    ``w``) at a time, twice in a gradient (once for the per-token statistics, once to form
+    :math:`(A_n + 2\zeta w_{y_n}\operatorname{logsumexp}(z_n))\operatorname{softmax}(z_n) - B_n`
+    block by block and multiply it into the gradients of ``x``, ``w`` and ``bias``), so memory
+    holds one (N, chunk_size) block rather than (N, V) logits. The loss of a confident correct
+    prediction keeps its relative accuracy (it is :math:`\operatorname{log1p}` of the tiny sum
+    of the other terms, which are summed directly, never as 1 + tiny). Forward mode works
+    (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``), as does ``jax.vmap``.
+
+    Args:
+      x: features of shape ``(..., d)``: one token per leading index.
+      w: weight of shape ``(d, V)``.
+      labels: integer class indices of shape ``x.shape[:-1]`` (any integer dtype; compared in
+        at least 32 bits).
+      bias: ``(V,)`` or None.
+      weight: per-class weights of shape ``(V,)``, as in
+        :func:`torch.nn.functional.cross_entropy`.
+      ignore_index: tokens whose label equals it contribute nothing, to the value or the
+        gradient.
+      label_smoothing: :math:`\varepsilon \in [0, 1]`, mixing the target with the uniform
+        distribution as PyTorch does.
+      z_loss: :math:`\zeta \ge 0`, the coefficient of :math:`\operatorname{logsumexp}^2`.
+      soft_cap: :math:`\kappa > 0` or None; caps the logits with :math:`\kappa\tanh(z/\kappa)`.
+      reduction: ``"none"`` (per-token losses), ``"sum"`` or ``"mean"`` (PyTorch's weighted
+        mean: the sum over counted tokens divided by the sum of their :math:`w_{y_n}`; 0 with
+        zero gradient when no token counts).
+      where: boolean mask of the tokens' shape ``x.shape[:-1]``; ``False`` tokens are excluded
+        like ignored ones.
+      chunk_size: classes per chunk, any positive int (the last chunk holds the remainder of
+        ``V``; it need not divide ``V``). None picks the multiple of 128 for which one float32
+        (N, chunk) block of the N tokens' logits takes about 4 MiB, between 128 and 8192 and at
+        most ``V``: 512 for 2048 tokens, 128 from 8192 tokens on.
+
+    Returns:
+      The per-token losses (shape ``x.shape[:-1]``) for ``"none"``, else a scalar; float32 for
+      float16, bfloat16 and float32 inputs, float64 for float64 inputs (the logits' dtype is
+      that of ``x``, ``w`` and ``bias`` promoted together). The reductions over the classes and
+      the gradient accumulated over the chunks are float32 for 16-bit inputs; the gradients
+      have their inputs' dtypes. Excluded tokens give 0 with a zero gradient whatever ``x``
+      holds for them. A counted label outside ``[0, V)`` gives NaN for its token's loss and
+      the gradients (under ``jit``; eagerly it raises).
+
+    Raises:
+      TypeError: if ``x``, ``w``, ``bias`` or ``weight`` is not real, ``labels`` is not an
+        integer array (soft labels are not supported), ``where`` is not boolean, or
+        ``chunk_size`` is not an int.
+      ValueError: if ``w`` is not 2-D, ``x`` is a scalar, ``x.shape[-1]`` differs from
+        ``w.shape[0]`` or ``bias`` is not of shape ``(V,)`` (naming both shapes), and for the
+        problems :func:`cross_entropy` reports: ``labels``, ``weight`` or ``where`` of the
+        wrong shape, ``label_smoothing`` outside [0, 1], a negative ``z_loss``, a
+        non-positive ``soft_cap``, an unknown ``reduction``, or (with concrete labels) an
+        out-of-range label that is not ``ignore_index``; also a non-positive ``chunk_size``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jaxlse
+      >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+      >>> w = jnp.array([[2.0, 0.0, 1.0], [0.0, 1.0, -1.0]])
+      >>> labels = jnp.array([0, 1, 2])
+      >>> jaxlse.linear_cross_entropy(x, w, labels, chunk_size=2)
+      Array(0.9860478, dtype=float32)
+      >>> jaxlse.cross_entropy(x @ w, labels)
+      Array(0.9860478, dtype=float32)
+
+    See also:
+      :func:`cross_entropy`, :func:`optax.softmax_cross_entropy_with_integer_labels`,
+      Cut Cross-Entropy (Wijmans et al., 2024) and Liger Kernel's fused linear cross-entropy
+      for PyTorch.
+    """
+    for name, value, lo, hi in (("label_smoothing", label_smoothing, 0.0, 1.0),
+                                ("z_loss", z_loss, 0.0, np.inf)):
+        if _concrete(value):
+            v = np.asarray(value)
+            if v.shape != () or not np.issubdtype(v.dtype, np.number):
+                raise ValueError(f"{_FN}: `{name}` must be a real scalar, got {value!r}")
+            if not lo <= float(v) <= hi:
+                bound = "[0, 1]" if hi == 1.0 else ">= 0"
+                raise ValueError(f"{_FN}: `{name}` must be in {bound}, got {float(v)}")
+    if soft_cap is not None and _concrete(soft_cap):
+        if np.asarray(soft_cap).shape != () or not float(soft_cap) > 0:
+            raise ValueError(
+                f"{_FN}: `soft_cap` must be a positive scalar or None, got {soft_cap!r}"
+            )
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+            raise TypeError(f"{_FN}: `chunk_size` must be an int or None, got {chunk_size!r}")
+        if chunk_size <= 0:
+            raise ValueError(f"{_FN}: `chunk_size` must be positive, got {chunk_size}")
+    xa = as_float_array(_FN, "x", x)
+    wa = as_float_array(_FN, "w", w)
+    ba = None if bias is None else as_float_array(_FN, "bias", bias)
+    if wa.ndim != 2:
+        raise ValueError(f"{_FN}: `w` must have shape (d, V), got shape {wa.shape}")
+    if xa.ndim == 0:
+        raise ValueError(f"{_FN}: `x` must have a feature axis (shape (..., d)), got a scalar")
+    if xa.shape[-1] != wa.shape[0]:
+        raise ValueError(
+            f"{_FN}: the last axis of `x` must match the first of `w`; got x of shape "
+            f"{xa.shape} and w of shape {wa.shape}"
+        )
+    num_classes = wa.shape[1]
+    if ba is not None and ba.shape != (num_classes,):
+        raise ValueError(
+            f"{_FN}: `bias` must have shape (V,) = ({num_classes},) for w of shape "
+            f"{wa.shape}, got bias of shape {ba.shape}"
+        )
+    try:
+        label_dtype = jnp.asarray(labels).dtype
+    except (TypeError, ValueError):
+        label_dtype = None  # _prepare raises its TypeError
+    if label_dtype is not None and jnp.issubdtype(label_dtype, jnp.floating):
+        raise TypeError(
+            f"{_FN}: `labels` must be integer class indices (soft labels are not supported), "
+            f"got dtype {label_dtype}"
+        )
+    dtype = promoted_float(*(a for a in (xa, wa, ba) if a is not None))
+    batch = xa.shape[:-1]
+    lab, wt, counted = _prepared_labels(
+        batch, num_classes, dtype, labels, weight, ignore_index, where, reduction
+    )
+    out_dtype = compute_dtype(dtype)
+    num_tokens = math.prod(batch)
+    if soft_cap is not None:
+        cap = jnp.asarray(soft_cap, out_dtype)
+    else:
+        cap = None
+    eps = jnp.asarray(label_smoothing, out_dtype)
+    zeta = jnp.asarray(z_loss, out_dtype)
+    smoothing = not (_concrete(label_smoothing) and float(np.asarray(label_smoothing)) == 0.0)
+    chunk = _auto_chunk(num_tokens, num_classes) if chunk_size is None else chunk_size
+    static = _Static(min(int(chunk), num_classes), weight is None)
+    loss = _token_losses_jit(
+        static,
+        smoothing,
+        xa.astype(out_dtype).reshape(num_tokens, xa.shape[-1]),
+        wa.astype(out_dtype),
+        None if ba is None else ba.astype(out_dtype),
+        lab.reshape(num_tokens),
+        wt,
+        eps,
+        zeta,
+        cap,
+        counted.reshape(num_tokens),
+    )
+    every = where is None and ignore_index is None
+    if every and wt is None:
+        denom: jax.Array | int = num_tokens  # every token counts, with weight 1
+    elif wt is None:
+        denom = counted.reshape(num_tokens).astype(out_dtype)
+    else:
+        denom = jnp.where(counted.reshape(num_tokens), wt[_label_index(lab, num_classes)[1]]
+                          .reshape(num_tokens), 0.0)
+    out = _reduce_loss(loss, denom, reduction).astype(out_dtype)
+    return out.reshape(batch) if reduction == "none" else out
