@@ -373,10 +373,12 @@ def _ce_row(
         def care(m: jax.Array) -> jax.Array:
             return shifted(x_y, m) > -0.5
 
-    m, log_sum, *extra = row_log_sum(
+    stats = row_log_sum(
         (x.ndim - 1,), x, None, care=care, with_tiny=with_tiny, keep_exp=keep_exp
     )
-    m = m.astype(cd)
+    log_sum = stats.log_sum
+    extra = [v for v in (stats.t_tiny, stats.e) if v is not None]
+    m = stats.m.astype(cd)
     big = jnp.finfo(cd).max
     lse = jnp.where(m == jnp.inf, jnp.inf, jnp.minimum(m, big) + log_sum)
     return (m, log_sum, lse, *extra)
@@ -577,10 +579,14 @@ def _ce_x_jvp(
         g = prob(a + jnp.where(zeta > 0, 2 * zeta * lse, 0.0)) - b
         g = jnp.where(counted[..., None], g, 0.0)
         return (out, jnp.sum(g * x_dot.astype(cd), axis=-1).astype(out.dtype), *stats)
-    # Integer labels: d loss = sum_c (A p_c - s_c) dx_c - coef dx_y. The label's term is a
-    # gather of the tangent rather than a one-hot (N, V) term, so that the (N, V) kernel is
-    # exp, two subtractions and a product per entry (its transpose adds the label's term with
-    # a scatter into the gradient, in place). The per-example factors are formed per row.
+    # Integer labels: d loss = sum_{c != y} (A p_c - s_c) dx_c + g_y dx_y. The label's entry
+    # g_y = A p_y - s_y - coef is formed per row, exactly: for a confident correct prediction
+    # p_y = 1 - 9e-11, and A p_y - coef from the (N, V) kernel would round to 0 (100 %
+    # relative error), so it is coef * expm1(z_y - L) + (A - coef) p_y - s_y. For float32 and
+    # float64 the (N, V) kernel is exp, two subtractions and a product per entry; the label's
+    # entry of the tangent is set to 0 before it (a scatter of N zeros) and its term added as
+    # a gather, whose transposes set the kernel's entry to 0 and add g_y there, in place. The
+    # per-example factors are formed per row.
     bad, idx = _label_index(labels, num_classes, counted)
     bad, idx = bad[..., None], idx[..., None]
     wy = jnp.asarray(1, cd) if weight is None else weight[idx]
@@ -593,22 +599,30 @@ def _ce_x_jvp(
             smooth = eps / num_classes
         else:
             a = a + eps / num_classes * jnp.sum(weight)
-            smooth = _row(eps / num_classes * weight, x.ndim)
+            smooth_w = eps / num_classes * weight
+            smooth = _row(smooth_w, x.ndim)
     a = a + jnp.where(zeta > 0, 2 * zeta * wy * lse, 0.0)
     g = prob(a)
     g = g if smooth is None else g - smooth
     live = counted[..., None] & jnp.logical_not(bad)
     g = jnp.where(live, g, 0.0)
-    coef = jnp.where(live, coef, 0.0)
+    # The label's entry, per row (d is 1 in a row holding +inf, see _ce_loss).
+    big = jnp.finfo(cd).max
+    z_y = shifted(x_y, m) * (1 + jnp.maximum(1 - jnp.exp(big - m), 0.0) * big)
+    s_y = 0.0 if smooth is None else (smooth if weight is None else smooth_w[idx])
+    g_y = coef * jnp.expm1(z_y - log_sum) + (a - coef) * jnp.exp(z_y - log_sum) - s_y
+    g_y = jnp.where(live, g_y, 0.0)
     if jnp.dtype(x.dtype).itemsize == 2:
-        # 16-bit logits keep the one-hot term in the (N, V) kernel: XLA:CPU adds a scatter to a
-        # 16-bit array in float32, which would materialise a float32 gradient.
-        onehot = (_row(jnp.arange(num_classes, dtype=idx.dtype), x.ndim) == idx).astype(cd)
-        g = g - coef * onehot
+        # XLA:CPU: 16-bit logits take the label's entry by a select in the (N, V) kernel: a
+        # scatter into a 16-bit array runs in float32 and would materialise a float32 gradient.
+        onehot = _row(jnp.arange(num_classes, dtype=idx.dtype), x.ndim) == idx
+        g = jnp.where(onehot, g_y, g)
         return (out, jnp.sum(g * x_dot.astype(cd), axis=-1).astype(out.dtype), *stats)
     x_dot = x_dot.astype(cd)
-    label_dot = coef * jnp.take_along_axis(x_dot, idx, axis=-1)
-    return (out, (jnp.sum(g * x_dot, axis=-1) - label_dot[..., 0]).astype(out.dtype), *stats)
+    rows = jnp.indices(idx.shape[:-1], sparse=True)
+    others = x_dot.at[(*rows, idx[..., 0])].set(0.0, unique_indices=True)
+    label_dot = g_y[..., 0] * jnp.take_along_axis(x_dot, idx, axis=-1)[..., 0]
+    return (out, (jnp.sum(g * others, axis=-1) + label_dot).astype(out.dtype), *stats)
 
 
 def cross_entropy(

@@ -81,7 +81,30 @@ def _lse_value(
     """``(logsumexp, sign)`` with reduced axes kept. ``clip_inf=False`` (the forward pass) skips
     clipping +inf entries: such a row sums to +inf, and its result is +inf either way. The rule
     clips (without ``b``), so that its sum is the one the softmax of its tangent computes, which
-    XLA then shares instead of materialising an intermediate of the two."""
+    XLA then shares instead of materialising an intermediate of the two.
+
+    Without ``b`` the result ``m + L`` keeps its accuracy relative to ``max(|result|, |m|)``
+    also when ``m`` is near 0: ``L`` takes the exact pass of :func:`row_log_sum` in rows where
+    ``S < 8`` and ``|m| < _SMALL_MAX``, where the absolute error of ``log(S)`` (up to about an
+    ulp of 1) is not small next to an ulp of the result (``logsumexp([0, -40])`` in float64 is
+    ``4.25e-18``, not 0). A float32 result below the smallest normal number (``m = 0`` and
+    ``t < 1.2e-38``) is assembled from its bits (see :func:`patch_tiny`). 16-bit inputs keep
+    ``log(S)`` of the float32 sum (their results are too coarse for the pass to matter, and
+    XLA:CPU would keep a float32 copy of the input for the backward pass: 2.0 of the input's
+    size in temporaries, measured).
+    """
+    if b is None and jnp.dtype(x.dtype).itemsize >= 4:
+        stats = row_log_sum(
+            axes, x, mask, care=_small_max, with_tiny=True, out_dtype=x.dtype, clip_inf=clip_inf
+        )
+        m, cd = stats.m, stats.log_sum.dtype
+        out = jnp.minimum(m.astype(cd), jnp.finfo(cd).max) + stats.log_sum
+        out = jnp.where(m == jnp.inf, jnp.inf, out)
+        out = -patch_tiny(-out, m == 0, stats.t_tiny)
+        # -inf for a row with no entry above -inf (whose L is 0); its sign is 0, NaN's is NaN.
+        out = jnp.where(stats.live, out, -jnp.inf)
+        sign = jnp.where(jnp.isnan(out), out, (out > -jnp.inf).astype(cd))
+        return out, sign
     if b is None:
         m, total = sum_exp(axes, x, mask, clip_inf=clip_inf)
     else:
@@ -101,6 +124,16 @@ def _lse_value(
         nan = nan_where(undefined, cd)
         out, sign = jnp.where(undefined, nan, out), jnp.where(undefined, nan, sign)
     return out, sign
+
+
+# Rows whose max is below this in magnitude (and S < 8) take logsumexp's exact pass (see
+# _lse_value): from |m| = 8 on, log(S)'s absolute error (about an ulp of 1) is at most a quarter
+# of an ulp of the result.
+_SMALL_MAX = 8.0
+
+
+def _small_max(m: jax.Array) -> jax.Array:
+    return jnp.abs(m) < _SMALL_MAX
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -275,7 +308,7 @@ def _log_softmax_from(
 def _log_softmax_core(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
-    m, log_sum, t_tiny = row_log_sum(axes, x, mask, with_tiny=True, out_dtype=x.dtype)
+    m, log_sum, _, t_tiny, _ = row_log_sum(axes, x, mask, with_tiny=True, out_dtype=x.dtype)
     # The output kernel reads x and the row statistics through a barrier: sharing an (N, V)
     # intermediate (z, or a broadcast of m) with the sums' kernel would materialise it.
     xo, mo, lo = own_read((x, m, log_sum))
@@ -328,22 +361,20 @@ def _log_softmax_jvp(axes, primals, tangents):
     # two (measured 1.2-1.3x faster at (256, 1000)); e's buffer becomes the gradient's. L is
     # differentiable (m is held constant), so higher derivatives stay exact. Excluded entries
     # get a zero tangent (y is 0 there and x_dot is masked), and so does a row with no entry
-    # above -inf (its max statistic is -big): its output is constant.
+    # above -inf: its output is constant.
     keep = keeps_exp(x, mask)
-    if keep:
-        m, log_sum, e = row_log_sum(
-            axes, own_read(x), None, out_dtype=x.dtype, keep_exp=True
-        )
-    elif mask is None:
-        m, log_sum = row_log_sum(axes, own_read(x), None, out_dtype=x.dtype)
+    if mask is None:
+        stats = row_log_sum(axes, own_read(x), None, out_dtype=x.dtype, keep_exp=keep)
     else:
         xb, maskb = own_read((x, mask))
-        m, log_sum = row_log_sum(axes, xb, maskb, out_dtype=x.dtype)
+        stats = row_log_sum(axes, xb, maskb, out_dtype=x.dtype)
+    m, log_sum, e = stats.m, stats.log_sum, stats.e
     cd = log_sum.dtype
-    # live = 1 for a row with an entry above -inf. m is a constant (stop_gradient after each
-    # barrier, whose JVP instantiates zero tangents), so higher derivatives never form -inf * 0
-    # from the +inf-row factor of _log_softmax_from.
-    live = lax.stop_gradient((m > -jnp.finfo(m.dtype).max).astype(cd))
+    # live = 1 for a row with an entry above -inf (also a row of -big values, whose floored
+    # max is that of a row with none). m is a constant (stop_gradient after each barrier,
+    # whose JVP instantiates zero tangents), so higher derivatives never form -inf * 0 from
+    # the +inf-row factor of _log_softmax_from.
+    live = stats.live.astype(cd)
     # The output and y = softmax(x) = exp(output) each read their operands through a barrier of
     # their own: XLA would otherwise share a broadcast of the row statistics between the sums'
     # kernel, the caller's loss kernel and the backward kernel, and materialise it.

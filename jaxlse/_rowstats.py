@@ -33,7 +33,7 @@ import functools
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -650,6 +650,16 @@ def batch_whole(
     return whole
 
 
+class RowStats(NamedTuple):
+    """What :func:`row_log_sum` returns; every array keeps the reduced axes (size 1)."""
+
+    m: jax.Array  #: the row max, floored at -big (a row with no entry above -inf gets -big)
+    log_sum: jax.Array  #: L = log(sum_j exp(x_j - m)); 0 for a row with no entry above -inf
+    live: jax.Array  #: bool: the row has an entry above -inf, or NaN (-big values are live)
+    t_tiny: jax.Array | None  #: with_tiny: the scaled subnormal t (see _tiny_bits), else None
+    e: jax.Array | None  #: keep_exp: exp(x - m), the input's shape, else None
+
+
 def row_log_sum(
     axes: tuple[int, ...],
     x: jax.Array,
@@ -658,8 +668,9 @@ def row_log_sum(
     with_tiny: bool = False,
     keep_exp: bool = False,
     out_dtype: jnp.dtype | None = None,
-) -> tuple[jax.Array, ...]:
-    r"""Returns ``(m, L)`` with :math:`L = \log \sum_j e^{z_j}`, reduced axes kept.
+    clip_inf: bool = True,
+) -> RowStats:
+    r"""Returns :class:`RowStats`: ``m`` and :math:`L = \log \sum_j e^{z_j}`, reduced axes kept.
 
     ``L`` keeps its relative accuracy when it is small: when one entry dominates,
     :math:`S = \sum_j e^{z_j}` is :math:`1 + t` with :math:`t` tiny, and ``log(S)`` would return
@@ -688,7 +699,7 @@ def row_log_sum(
         # Summed as sum_exp sums (reduce_rows: the same order in every layout).
         total = reduce_rows("sum", lambda v: v, axes, e)
     else:
-        m, total = sum_exp(axes, x, mask)
+        m, total = sum_exp(axes, x, mask, clip_inf=clip_inf)
     args = (x, m) if mask is None else (x, m, mask)
     tiny = jnp.finfo(total.dtype).tiny
     base = jnp.log(jnp.maximum(total, tiny))
@@ -703,8 +714,10 @@ def row_log_sum(
     two_sum_rows = jnp.dtype(out_dtype).itemsize >= 4
     fixed, t_tiny = batch_whole(_exact_log_sum, axes, with_tiny, two_sum_rows, len(args))(*ops)
     log_sum = base + lax.stop_gradient(fixed - base)
-    out = (m, log_sum, t_tiny) if with_tiny else (m, log_sum)
-    return (*out, e) if keep_exp else out
+    # S >= 1 in a row with an entry above -inf (its max contributes e^0 = 1), 0 otherwise: the
+    # floored max cannot tell a row of -big values from a row with no entry. NaN rows are live.
+    live = jnp.logical_not(lax.stop_gradient(total) < 0.5)
+    return RowStats(m, log_sum, live, t_tiny if with_tiny else None, e if keep_exp else None)
 
 
 def _tiny_bits(t_tiny: jax.Array, factor: jax.Array | float, dtype: jnp.dtype) -> jax.Array:
