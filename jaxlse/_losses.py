@@ -591,17 +591,19 @@ def _ce_x_jvp(
     bad, idx = bad[..., None], idx[..., None]
     wy = jnp.asarray(1, cd) if weight is None else weight[idx]
     coef = (1 - eps) * wy
-    a = coef
+    # A = coef + extra; extra (smoothing and z-loss) is kept apart for the label's entry, where
+    # it may be far below an ulp of coef.
+    extra = jnp.where(zeta > 0, 2 * zeta * wy * lse, 0.0)
     smooth = None
     if smoothing:
         if weight is None:
-            a = a + eps
+            extra = eps + extra
             smooth = eps / num_classes
         else:
-            a = a + eps / num_classes * jnp.sum(weight)
+            extra = eps / num_classes * jnp.sum(weight) + extra
             smooth_w = eps / num_classes * weight
             smooth = _row(smooth_w, x.ndim)
-    a = a + jnp.where(zeta > 0, 2 * zeta * wy * lse, 0.0)
+    a = coef + extra
     g = prob(a)
     g = g if smooth is None else g - smooth
     live = counted[..., None] & jnp.logical_not(bad)
@@ -610,7 +612,7 @@ def _ce_x_jvp(
     big = jnp.finfo(cd).max
     z_y = shifted(x_y, m) * (1 + jnp.maximum(1 - jnp.exp(big - m), 0.0) * big)
     s_y = 0.0 if smooth is None else (smooth if weight is None else smooth_w[idx])
-    g_y = coef * jnp.expm1(z_y - log_sum) + (a - coef) * jnp.exp(z_y - log_sum) - s_y
+    g_y = coef * jnp.expm1(z_y - log_sum) + extra * jnp.exp(z_y - log_sum) - s_y
     g_y = jnp.where(live, g_y, 0.0)
     if jnp.dtype(x.dtype).itemsize == 2:
         # XLA:CPU: 16-bit logits take the label's entry by a select in the (N, V) kernel: a

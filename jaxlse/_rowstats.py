@@ -369,7 +369,8 @@ def _below(
             err = jnp.where(mask, err, 0.0)
     if scaled:
         shift = np.asarray(_TINY_EXP * np.log(2.0), cd)
-        ratio = np.asarray(np.exp(_TINY_EXP * np.log(2.0) - np.float64(shift)), cd)
+        # 2**92 * exp(-shift), rounded once (92 * log(2) itself is only good to ~30 float64 ulp)
+        ratio = np.asarray(math.ldexp(math.exp(-float(shift)), _TINY_EXP), cd)
         e = jnp.exp(s + shift) * ratio
     else:
         e = jnp.exp(s)
@@ -596,7 +597,7 @@ def _exact_log_sum(
         # scaled, in a pass of its own (its own barrier, so that it shares no (N, V)
         # intermediate with the first), then use that t and, if it is subnormal, its bits.
         # Only for a unique max (k = 1): with ties L >= log 2.
-        small = need & (t < 2.0**-80) & (k == 1)
+        small = need & (t < tiny * 2.0**46) & (k == 1)
 
         def rescan(args: tuple[jax.Array, ...], small: jax.Array) -> jax.Array:
             args = own_read(args)
