@@ -34,6 +34,7 @@ from jax.typing import ArrayLike
 
 from ._checks import as_float_array, compute_dtype, jit_core, nan_where, normalize_axes
 from ._rowstats import (
+    inv_sum,
     keeps_exp,
     own_read,
     patch_tiny,
@@ -377,11 +378,10 @@ def _ce_row(
         (x.ndim - 1,), x, None, care=care, with_tiny=with_tiny, keep_exp=keep_exp
     )
     log_sum = stats.log_sum
-    extra = [v for v in (stats.t_tiny, stats.e) if v is not None]
     m = stats.m.astype(cd)
     big = jnp.finfo(cd).max
     lse = jnp.where(m == jnp.inf, jnp.inf, jnp.minimum(m, big) + log_sum)
-    return (m, log_sum, lse, *extra)
+    return m, log_sum, lse, stats
 
 
 def _label_logit(x: jax.Array, labels: jax.Array, cd: jnp.dtype) -> jax.Array:
@@ -433,10 +433,11 @@ def _ce_core(
     """
     cd = eps.dtype
     if soft:
-        stats = _ce_row(x, cd)
+        stats = _ce_row(x, cd)[:3]
         return _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, *stats)
     x_y = _label_logit(x, labels, cd)
-    m, log_sum, lse, t_tiny = _ce_row(x, cd, x_y=x_y, with_tiny=True)
+    m, log_sum, lse, stats = _ce_row(x, cd, x_y=x_y, with_tiny=True)
+    t_tiny = stats.t_tiny
     loss = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
     # A confident correct prediction whose loss w_y * t is subnormal (flushed to 0): assembled
     # exactly from the scaled t (see _tiny_bits). Only where the loss came out 0, i.e. without
@@ -559,18 +560,19 @@ def _ce_x_jvp(
     num_classes, cd = x.shape[-1], eps.dtype
     x_y = None if soft else _label_logit(x, labels, cd)
     if _is_zero(x_dot):
-        m, log_sum, lse = _ce_row(x, cd, x_y=x_y)
+        m, log_sum, lse, _ = _ce_row(x, cd, x_y=x_y)
         out = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
         zero = jnp.zeros_like(out)
         return (out, zero, (m, log_sum, lse)) if with_stats else (out, zero)
     keep = keeps_exp(x)
-    m, log_sum, lse, *e = _ce_row(own_read(x), cd, x_y=x_y, keep_exp=keep)
+    m, log_sum, lse, row_stats = _ce_row(own_read(x), cd, x_y=x_y, keep_exp=keep)
+    inv = inv_sum(row_stats)
     out = _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse)
     stats = ((m, log_sum, lse),) if with_stats else ()
 
     def prob(scale: jax.Array) -> jax.Array:
         """``scale * p`` (``scale`` per row)."""
-        return e[0] * (scale * jnp.exp(-log_sum)) if keep else probs(x, m, log_sum, scale=scale)
+        return row_stats.e * (scale * inv) if keep else probs(x, m, inv, scale=scale)
 
     if soft:
         q = labels * (1 - eps) + eps / num_classes

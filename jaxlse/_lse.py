@@ -39,6 +39,7 @@ from ._checks import (
 from ._rowstats import (
     batch_whole,
     floored_max,
+    inv_sum,
     keeps_exp,
     masked_max,
     own_read,
@@ -308,7 +309,8 @@ def _log_softmax_from(
 def _log_softmax_core(
     axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
-    m, log_sum, _, t_tiny, _ = row_log_sum(axes, x, mask, with_tiny=True, out_dtype=x.dtype)
+    stats = row_log_sum(axes, x, mask, with_tiny=True, out_dtype=x.dtype)
+    m, log_sum, t_tiny = stats.m, stats.log_sum, stats.t_tiny
     # The output kernel reads x and the row statistics through a barrier: sharing an (N, V)
     # intermediate (z, or a broadcast of m) with the sums' kernel would materialise it.
     xo, mo, lo = own_read((x, m, log_sum))
@@ -381,11 +383,13 @@ def _log_softmax_jvp(axes, primals, tangents):
     # The mask is applied once to each, after (a select inside would cost another temporary).
     mo, lo = own_read((m, log_sum))
     out = _log_softmax_from(x, lax.stop_gradient(mo), lo, None)
+    # y = exp(z) / S (see inv_sum: exp(z - L) would add the rounding of L).
+    inv = inv_sum(stats)
     if keep:
-        y = e * jnp.exp(-log_sum)
+        y = e * inv
     else:
-        xb, mb, lb = own_read((x, m, log_sum))
-        y = jnp.exp(_log_softmax_from(xb, lax.stop_gradient(mb), lb, None))
+        xb, mb, ib = own_read((x, m, inv))
+        y = jnp.exp(_log_softmax_from(xb, lax.stop_gradient(mb), 0.0, None)) * ib
     if mask is not None:
         out = jnp.where(mask, out, -jnp.inf)
         y = jnp.where(mask, y, 0.0)

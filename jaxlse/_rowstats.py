@@ -279,15 +279,16 @@ def shifted(
 def probs(
     x: jax.Array,
     m: jax.Array,
-    log_sum: jax.Array,
+    inv: jax.Array,
     mask: jax.Array | None = None,
     scale: jax.Array | None = None,
 ) -> jax.Array:
-    """``softmax = exp(z - L)`` for a rule's backward pass, from ``x`` and per-row statistics.
+    """``softmax = exp(z) / S`` for a rule's backward pass, from ``x`` and per-row statistics.
 
-    ``scale`` (per row) multiplies it. Excluded entries give 0 whatever they hold.
+    ``inv`` is :func:`inv_sum`'s ``1 / S`` and ``scale`` (per row) multiplies it. Excluded
+    entries give 0 whatever they hold.
 
-    XLA:CPU: the per-row values (the clipped max, ``L``, ``scale``) are formed before a barrier
+    XLA:CPU: the per-row values (the clipped max, ``1 / S``, ``scale``) are formed before a barrier
     (:func:`own_read`), so that the (N, V) kernel reads them rather than recomputing them for
     every entry (measured 3x slower at (256, 1000)), and the barrier keeps XLA from sharing
     (N, V) intermediates (``z``, a float32 copy of 16-bit ``x``, broadcasts of the row
@@ -296,9 +297,9 @@ def probs(
     """
     cd = compute_dtype(x.dtype)
     mc = jnp.minimum(m.astype(cd), jnp.finfo(cd).max)
-    x, mc, log_sum, mask, scale = own_read((x, mc, log_sum, mask, scale))
-    p = jnp.exp(shifted(x, mc, mask) - log_sum)
-    return p if scale is None else p * scale
+    factor = inv if scale is None else inv * scale
+    x, mc, factor, mask = own_read((x, mc, factor, mask))
+    return jnp.exp(shifted(x, mc, mask)) * factor
 
 
 def sum_exp(
@@ -659,6 +660,22 @@ class RowStats(NamedTuple):
     live: jax.Array  #: bool: the row has an entry above -inf, or NaN (-big values are live)
     t_tiny: jax.Array | None  #: with_tiny: the scaled subnormal t (see _tiny_bits), else None
     e: jax.Array | None  #: keep_exp: exp(x - m), the input's shape, else None
+    total: jax.Array  #: S = sum_j exp(x_j - m), the float32 (or float64) sum; 0 with no entry
+
+
+def inv_sum(stats: RowStats) -> jax.Array:
+    r"""``1 / S`` per row, with the derivative of :math:`e^{-L}`; 0 in a row with no entry.
+
+    ``softmax = exp(z) / S``: ``exp(z - L)`` would add the rounding of ``L`` (up to half an ulp
+    of :math:`L`, e.g. 8 float32 ulp of every probability in a row of 32768 equal logits,
+    where :math:`L = 10.4`). Where :math:`S \ge 8` the float32 sum is the more accurate; below
+    it ``L`` is exact (the exact pass) and :math:`L < 2.08`, so ``exp(-L)`` is.
+    """
+    approx = jnp.exp(-stats.log_sum)
+    total = lax.stop_gradient(stats.total)
+    value = jnp.where(total >= _EXACT_BELOW, 1 / jnp.where(total > 0, total, 1.0), approx)
+    value = jnp.where(stats.live, value, 0.0)
+    return approx + lax.stop_gradient(value - approx)
 
 
 def row_log_sum(
@@ -718,7 +735,9 @@ def row_log_sum(
     # S >= 1 in a row with an entry above -inf (its max contributes e^0 = 1), 0 otherwise: the
     # floored max cannot tell a row of -big values from a row with no entry. NaN rows are live.
     live = jnp.logical_not(lax.stop_gradient(total) < 0.5)
-    return RowStats(m, log_sum, live, t_tiny if with_tiny else None, e if keep_exp else None)
+    return RowStats(
+        m, log_sum, live, t_tiny if with_tiny else None, e if keep_exp else None, total
+    )
 
 
 def _tiny_bits(t_tiny: jax.Array, factor: jax.Array | float, dtype: jnp.dtype) -> jax.Array:
