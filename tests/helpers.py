@@ -16,6 +16,9 @@ Public names (imported by other test modules, keep them stable):
 * ``DISTRIBUTIONS``: the accuracy targets' input distributions, ``name -> f(rng, shape)``
 * ``cond_branches(fn, *args) -> list[int]``: the branch counts of the conditionals in
   ``jax.make_jaxpr(fn)(*args)`` (the one helper that looks at jax, not at numbers)
+* ``Cases``: subTest-like checks for a test that runs many cases at once (one compiled function
+  for all of them): ``with cases.case(id): ...`` per case, then ``cases.assert_all_passed()``
+  raises one ``AssertionError`` naming every failing case and its message
 
 ``axis`` is an int, a tuple of ints or None (every axis), as in ``jnp.sum``. Rows are treated with
 the same conventions as jaxlse: a row with no included entry (or only ``-inf``) has
@@ -25,13 +28,15 @@ its ``+inf`` entries, and a row holding NaN is NaN.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 __all__ = [
+    "Cases",
     "cond_branches",
     "ref_log_softmax",
     "ref_logsumexp",
@@ -223,3 +228,47 @@ def cond_branches(fn: Callable[..., Any], *args: Any) -> list[int]:
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return counts
+
+
+class Cases:
+    """Per-case assertions inside one test, reported together (as ``unittest``'s ``subTest``).
+
+    A test that evaluates many cases with one compiled function checks each of them in
+    ``with cases.case(case_id):``. An ``AssertionError`` there is recorded with the case's id
+    and the test goes on to the next case; ``assert_all_passed()`` then fails with every
+    failing id and its message. It also checks that ``expected`` cases ran (at least one if not
+    given), so a loop that silently skips cases cannot pass.
+
+    >>> cases = Cases()
+    >>> for i in range(3):
+    ...     with cases.case(f"case{i}"):
+    ...         assert i != 1, "one is odd"
+    >>> cases.assert_all_passed()
+    Traceback (most recent call last):
+    AssertionError: 1 of 3 cases failed: case1
+    [case1] one is odd
+    """
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+        self.failures: list[tuple[str, str]] = []
+
+    @contextlib.contextmanager
+    def case(self, case_id: str) -> Iterator[None]:
+        self.ran.append(case_id)
+        try:
+            yield
+        except AssertionError as e:
+            self.failures.append((case_id, str(e).strip() or type(e).__name__))
+
+    def assert_all_passed(self, expected: int | None = None) -> None:
+        if expected is None:
+            assert self.ran, "no case ran"
+        else:
+            assert len(self.ran) == expected, f"{len(self.ran)} cases ran, expected {expected}"
+        if self.failures:
+            ids = ", ".join(case_id for case_id, _ in self.failures)
+            details = "\n".join(f"[{case_id}] {msg}" for case_id, msg in self.failures)
+            raise AssertionError(
+                f"{len(self.failures)} of {len(self.ran)} cases failed: {ids}\n{details}"
+            )

@@ -35,7 +35,15 @@ import numpy as np
 import optax
 import pytest
 from helpers import DISTRIBUTIONS as SHARED_DISTRIBUTIONS
-from helpers import cond_branches, ref_log_softmax, ref_logsumexp, ref_softmax, ulp, ulp_error
+from helpers import (
+    Cases,
+    cond_branches,
+    ref_log_softmax,
+    ref_logsumexp,
+    ref_softmax,
+    ulp,
+    ulp_error,
+)
 from jax import lax
 from jax.test_util import check_grads
 
@@ -58,7 +66,7 @@ TOL = {
 ULP_BOUND = 4.0
 
 
-# For the 342 golden cases, whose compilation dominates the run time: LLVM's expensive passes
+# For the 342 golden cases, whose compilation dominates their run time: LLVM's expensive passes
 # off, which roughly halves the compile time and leaves every value and gradient unchanged.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -293,13 +301,8 @@ def _golden_id(i: int, case: dict[str, Any]) -> str:
 GOLDEN_TOL = {"rtol": 1e-10, "atol": 1e-15}
 
 
-@pytest.mark.parametrize(
-    "i", range(len(GOLDEN_META)), ids=[_golden_id(i, c) for i, c in enumerate(GOLDEN_META)]
-)
-def test_matches_torch_golden(x64, i):
-    case = GOLDEN_META[i]
-    logits = GOLDEN[f"case{i}_logits"]
-    assert tuple(case["shape"]) == logits.shape
+def _golden_loss(case: dict[str, Any]) -> Callable[..., jax.Array]:
+    """``f(logits, labels, weight)``: the case's loss, as the case's options say."""
     kw = {"ignore_index": case["ignore_index"], "reduction": case["reduction"]}
     if case["fn"] == "cross_entropy":
 
@@ -313,11 +316,45 @@ def test_matches_torch_golden(x64, i):
         def f(v, labels, weight):
             return jaxlse.nll_loss(jaxlse.log_softmax(v), labels, weight=weight, **kw)
 
-    loss, grad = loss_and_grad(f, logits, GOLDEN[f"case{i}_labels"],
-                               GOLDEN.get(f"case{i}_weight"), compiler_options=FAST_COMPILE)
-    assert loss.dtype == grad.dtype == F64
-    np.testing.assert_allclose(loss, GOLDEN[f"case{i}_loss"], **GOLDEN_TOL)
-    np.testing.assert_allclose(grad, GOLDEN[f"case{i}_grad"], **GOLDEN_TOL)
+    return f
+
+
+# The golden cases by logits shape (24 shapes, 14 or 15 option sets each). One compilation per
+# shape evaluates all of its cases: the cases' options are all static, so one compilation per
+# case would be 342 of them (155 s of the suite's 578 s on 2 cores, for programs of a few ms).
+GOLDEN_SHAPES: dict[tuple[int, ...], list[int]] = {}
+for _i, _case in enumerate(GOLDEN_META):
+    GOLDEN_SHAPES.setdefault(tuple(_case["shape"]), []).append(_i)
+
+
+@pytest.mark.parametrize("shape", list(GOLDEN_SHAPES), ids=str)
+def test_matches_torch_golden(x64, shape):
+    """Every golden case of one logits shape: loss and gradient equal PyTorch's (float64).
+
+    Each case keeps its own loss function and options; they are traced together under one
+    ``jit``, and each is checked on its own: a failure names every failing case (its
+    ``_golden_id``) with its message.
+    """
+    ids = GOLDEN_SHAPES[shape]
+    losses = [_golden_loss(GOLDEN_META[i]) for i in ids]
+    args = [(GOLDEN[f"case{i}_logits"], GOLDEN[f"case{i}_labels"], GOLDEN.get(f"case{i}_weight"))
+            for i in ids]
+
+    def every_case(all_args):
+        return [loss_and_grad_traced(lambda u, f=f, a=a: f(u, a[1], a[2]), a[0])
+                for f, a in zip(losses, all_args, strict=True)]
+
+    compiled = jax.jit(every_case).lower(args).compile(compiler_options=FAST_COMPILE)
+    cases = Cases()
+    for i, (loss, grad) in zip(ids, compiled(args), strict=True):
+        with cases.case(_golden_id(i, GOLDEN_META[i])):
+            assert GOLDEN[f"case{i}_logits"].shape == shape
+            assert loss.dtype == grad.dtype == F64, (loss.dtype, grad.dtype)
+            np.testing.assert_allclose(loss, GOLDEN[f"case{i}_loss"], err_msg="loss",
+                                       **GOLDEN_TOL)
+            np.testing.assert_allclose(grad, GOLDEN[f"case{i}_grad"], err_msg="gradient",
+                                       **GOLDEN_TOL)
+    cases.assert_all_passed(expected=len(ids))
 
 
 def test_golden_file_covers_the_options():
@@ -1421,8 +1458,8 @@ def test_options_are_differentiable(x64):
                                     jax.jit(jax.grad(ref, argnums))(*args), rtol=1e-12, atol=1e-14)
         # d/dz_loss at z_loss = 0 is the mean of w_y * lse**2, not 0
         at0 = args[:-1] + (0.0,)
-        chex.assert_trees_all_close(jax.grad(f, len(args) - 1)(*at0),
-                                    jax.grad(ref, len(args) - 1)(*at0), rtol=1e-12)
+        chex.assert_trees_all_close(jax.jit(jax.grad(f, len(args) - 1))(*at0),
+                                    jax.jit(jax.grad(ref, len(args) - 1))(*at0), rtol=1e-12)
 
 
 def test_options_gradient_finite_at_neg_inf_logit():
@@ -1466,28 +1503,36 @@ def test_tuple_axis_matches_optax(axis, labels_kind):
     def ref(v, y):
         return optax_loss(v, y, axis=axis)
 
-    loss, grad = loss_and_grad(lambda v, y: jaxlse.cross_entropy(v, y, axis=axis,
-                                                                 reduction="none"), x, labels)
-    ref_loss, ref_grad = loss_and_grad(ref, x, labels)
-    assert loss.shape == batch and grad.shape == x.shape
-    chex.assert_trees_all_close((loss, grad), (ref_loss, ref_grad), rtol=2e-6, atol=3e-7)
-    # the same as flattening the class axes by hand; weights of the class axes' shape or flat
     w = np.linspace(0.5, 2.0, num_classes, dtype=F32)
     w_shaped = w.reshape(tuple(x.shape[a] for a in axes))
     batch_axes = tuple(i for i in range(4) if i not in axes)
     flat = x.transpose(batch_axes + axes).reshape(batch + (num_classes,))
     flat_labels = labels if labels_kind == "int" else labels.transpose(
         batch_axes + axes).reshape(batch + (num_classes,))
-    kw = {"weight": w, "label_smoothing": 0.1}
-    expected = jaxlse.cross_entropy(flat, flat_labels, **kw)
-    for ww in (w, w_shaped):
-        chex.assert_trees_all_close(
-            jaxlse.cross_entropy(x, labels, axis=axis, **(kw | {"weight": ww})), expected,
-            rtol=1e-6)
-    lp = jaxlse.log_softmax(x, axis=axes)
-    chex.assert_trees_all_close(jaxlse.nll_loss(lp, labels, axis=axis, weight=w),
-                                jaxlse.nll_loss(jaxlse.log_softmax(flat), flat_labels, weight=w),
-                                rtol=1e-6)
+    kw = {"label_smoothing": 0.1}
+
+    @jax.jit  # everything below, compiled once
+    def results(v, y, v_flat, y_flat, ww, ww_shaped):
+        lp = jaxlse.log_softmax(v, axis=axes)
+        return {
+            "ours": loss_and_grad_traced(
+                lambda u: jaxlse.cross_entropy(u, y, axis=axis, reduction="none"), v),
+            "optax": loss_and_grad_traced(lambda u: ref(u, y), v),
+            "flat": jaxlse.cross_entropy(v_flat, y_flat, weight=ww, **kw),
+            "weight": jaxlse.cross_entropy(v, y, axis=axis, weight=ww, **kw),
+            "weight_shaped": jaxlse.cross_entropy(v, y, axis=axis, weight=ww_shaped, **kw),
+            "nll": jaxlse.nll_loss(lp, y, axis=axis, weight=ww),
+            "nll_flat": jaxlse.nll_loss(jaxlse.log_softmax(v_flat), y_flat, weight=ww),
+        }
+
+    r = results(x, labels, flat, flat_labels, w, w_shaped)
+    loss, grad = r["ours"]
+    assert loss.shape == batch and grad.shape == x.shape
+    chex.assert_trees_all_close(r["ours"], r["optax"], rtol=2e-6, atol=3e-7)
+    # the same as flattening the class axes by hand; weights of the class axes' shape or flat
+    for key in ("weight", "weight_shaped"):
+        chex.assert_trees_all_close(r[key], r["flat"], rtol=1e-6)
+    chex.assert_trees_all_close(r["nll"], r["nll_flat"], rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from helpers import (
     DISTRIBUTIONS,
+    Cases,
     cond_branches,
     ref_log_softmax,
     ref_logsumexp,
@@ -271,7 +272,9 @@ def test_derivatives_agree(name, shape, axis, masked):
 
 
 def _check_grads(f, args):
-    check_grads(f, args, order=2, modes=("fwd", "rev"))
+    """``check_grads`` to second order in both modes, of ``f`` under ``jit`` (one compilation
+    per derivative program rather than one per operation)."""
+    check_grads(jax.jit(f), args, order=2, modes=("fwd", "rev"))
 
 
 CHECK_GRADS_CASES = [((3, 4), -1), ((3, 4), 0), ((2, 3, 4), (0, 2))]
@@ -361,27 +364,41 @@ def _our_values(name, x, axis, w, b):
 
 
 # float32 runs every case, the other dtypes a subset that still has every rank and kind of axis.
-VALUE_PARAMS = [
-    pytest.param(dtype, shape, axis, id=f"{dtype}-{shape}-{axis}")
+VALUE_DTYPES = {
+    dtype: [case for i, case in enumerate(VALUE_CASES) if dtype == F32 or i % 2 == 0]
     for dtype in (F32, F64, F16, BF16)
-    for i, (shape, axis) in enumerate(VALUE_CASES)
-    if dtype == F32 or i % 2 == 0
-]
+}
 
 
-@pytest.mark.parametrize(("dtype", "shape", "axis"), VALUE_PARAMS)
+def _value_inputs(dtype, shape, axis):
+    """Seeded ``x``, mask and ``b`` (with negative entries, and a zero, for return_sign)."""
+    x = _normal(shape, dtype=dtype, seed=11)
+    w = _mask(shape, axis, seed=11)
+    b = jnp.asarray(np.random.default_rng(11).uniform(-1.0, 2.0, shape).astype(dtype))
+    if b.size:
+        b = b.at[(0,) * b.ndim].set(0.0)
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", list(VALUE_DTYPES), ids=str)
 @pytest.mark.parametrize("name", NAMES)
-def test_values_match_jax_nn(name, dtype, shape, axis):
+def test_values_match_jax_nn(name, dtype):
+    """Every (shape, axis) case of one dtype under one ``jit`` (one compilation instead of one
+    per case and operation); each case is checked on its own and named if it fails."""
     with jax.enable_x64(dtype == F64):
-        x = _normal(shape, dtype=dtype, seed=11)
-        w = _mask(shape, axis, seed=11)
-        # b with negative entries (and a zero) for return_sign; |b| for the plain case.
-        b = jnp.asarray(np.random.default_rng(11).uniform(-1.0, 2.0, shape).astype(dtype))
-        if b.size:
-            b = b.at[(0,) * b.ndim].set(0.0)
-        got = _our_values(name, x, axis, w, b)
-        want = _jax_nn_values(name, dtype, x, axis, w, b)
-        chex.assert_trees_all_close(got, want, strict=True, **TOL[dtype])
+        specs = VALUE_DTYPES[dtype]
+        inputs = [_value_inputs(dtype, shape, axis) for shape, axis in specs]
+
+        @jax.jit
+        def every_case(all_inputs):
+            return [(_our_values(name, x, axis, w, b), _jax_nn_values(name, dtype, x, axis, w, b))
+                    for (_, axis), (x, w, b) in zip(specs, all_inputs, strict=True)]
+
+        cases = Cases()
+        for (shape, axis), (got, want) in zip(specs, every_case(inputs), strict=True):
+            with cases.case(f"{name}-{dtype}-{shape}-{axis}"):
+                chex.assert_trees_all_close(got, want, strict=True, **TOL[dtype])
+        cases.assert_all_passed(expected=len(specs))
 
 
 def test_logsumexp_b_of_lower_rank():
@@ -447,6 +464,10 @@ def test_extreme_magnitudes(dtype, key, values):
     xh = np.asarray(x)  # the inputs as rounded to dtype
     lse, ls, sm = jaxlse.logsumexp(x), jaxlse.log_softmax(x), jaxlse.softmax(x)
     ref_l, ref_ls, ref_sm = ref_logsumexp(xh), ref_log_softmax(xh), ref_softmax(xh)
+    # One ulp, tighter than the promised 4 on purpose: every exact result here is, to far less
+    # than an ulp, an input, a difference of two inputs, log(k), -log(k), 1/k or 0, which a
+    # sound computation reaches in a rounding or two; more would mean that the huge
+    # magnitudes leaked into the arithmetic.
     for out, ref in [(lse, ref_l), (ls, ref_ls), (sm, ref_sm)]:
         assert out.dtype == dtype
         assert np.all(np.isfinite(np.asarray(out, np.float64))), key
@@ -475,16 +496,23 @@ def test_all_neg_inf_row(name):
     np.testing.assert_array_equal(out[0], want)
     assert np.all(np.isfinite(out[1]))
     for jac in (jax.jacfwd, jax.jacrev):
-        j = jac(f)(x)  # out.shape + x.shape
+        j = jax.jit(jac(f))(x)  # out.shape + x.shape
         np.testing.assert_array_equal(j[0], np.zeros_like(j[0]))
         np.testing.assert_array_equal(j[1:][..., 0, :], np.zeros_like(j[1:][..., 0, :]))
         assert np.all(np.isfinite(j))
-    hess = jax.hessian(f)(x[0])
+    hess = jax.jit(jax.hessian(f))(x[0])
     np.testing.assert_array_equal(hess, np.zeros_like(hess))
     if name == "logsumexp":
         grad = jax.grad(lambda v: jnp.sum(f(v)))(x)
         np.testing.assert_array_equal(grad[0], [0.0] * 3)
         chex.assert_trees_all_close(grad[1], jaxlse.softmax(x[1]), **TOL[F32])
+
+
+@functools.cache
+def _jacobians(name: str) -> Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
+    """jacfwd, jacrev and hessian of ``name`` over its last axis, jitted once for every test."""
+    f = _fn(name)
+    return jax.jit(lambda v: (jax.jacfwd(f)(v), jax.jacrev(f)(v), jax.hessian(f)(v)))
 
 
 @pytest.mark.parametrize(
@@ -504,8 +532,7 @@ def test_pos_inf_row(row):
         jax.grad(jaxlse.logsumexp)(x), np.where(top, 1.0 / k, 0.0).astype(np.float32)
     )
     for name in NAMES:
-        f = _fn(name)
-        jf, jr, h = jax.jacfwd(f)(x), jax.jacrev(f)(x), jax.hessian(f)(x)
+        jf, jr, h = _jacobians(name)(x)
         assert np.all(np.isfinite(jf)) and np.all(np.isfinite(h)), name
         chex.assert_trees_all_close(jf, jr, strict=True, **TOL[F32])
 
@@ -539,8 +566,9 @@ def test_where_excluded_entries_take_no_part(name, excluded):
         j = jax.jit(jac(f))(x)
         assert np.all(np.isfinite(j))
         np.testing.assert_array_equal(j[..., gone], np.zeros_like(j[..., gone]))
-        chex.assert_trees_all_close(pick(j), jac(f_kept)(kept), strict=True, **TOL[F32])
-    h, h_kept = jax.jit(jax.hessian(f))(x[0]), jax.hessian(f_kept)(kept[0])
+        chex.assert_trees_all_close(pick(j), jax.jit(jac(f_kept))(kept), strict=True,
+                                    **TOL[F32])
+    h, h_kept = jax.jit(jax.hessian(f))(x[0]), jax.jit(jax.hessian(f_kept))(kept[0])
     assert np.all(np.isfinite(h))
     assert not np.any(h[..., gone])
     sel = np.ix_(cols, cols) if name == "logsumexp" else np.ix_(cols, cols, cols)
@@ -831,6 +859,15 @@ def _dominated_batch(rows: int, n: int, dominated: int, seed: int) -> np.ndarray
     return x.astype(np.float32)
 
 
+@jax.jit
+@functools.partial(jax.value_and_grad, has_aux=True)
+def _log_softmax_value_and_grad(v: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``sum(log_softmax(v) * t)`` (and ``log_softmax(v)`` from the custom rule) with its
+    gradient; module level, so tests with the same shapes share one compilation."""
+    out = jaxlse.log_softmax(v)
+    return jnp.sum(out * t), out
+
+
 # (rows, dominated): the exact pass sums the rows that need it one at a time when they are at
 # most 1/8 of the batch (37 // 8 = 4 here), and reads every row otherwise; row counts that 8
 # does not divide, and batches of fewer than 8 rows, which never loop.
@@ -854,12 +891,7 @@ def test_log_softmax_exact_pass_some_rows(rows, dominated, n):
     err = ulp_error(out, ref)
     assert err.max() <= ULP_BOUND[F32], err.max()
     t = jnp.asarray(np.random.default_rng(rows).standard_normal(x.shape), F32)
-
-    def loss(v):
-        out = jaxlse.log_softmax(v)
-        return jnp.sum(out * t), out
-
-    (_, out_rule), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(jnp.asarray(x))
+    (_, out_rule), grad = _log_softmax_value_and_grad(jnp.asarray(x), t)
     assert ulp_error(out_rule, ref).max() <= ULP_BOUND[F32]
     want = t - np.exp(ref) * np.sum(np.asarray(t, np.float64), axis=-1, keepdims=True)
     np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-5)
@@ -892,14 +924,14 @@ def test_log_softmax_dominated_rows_among_many_get_the_corrected_sum(dominated):
     ref = ref_log_softmax(x)
     assert np.mean(np.exp(ref[dominated:]).max(axis=-1) > 1 / 8) > 0.9  # most rows: S < 8
     out = jax.jit(jaxlse.log_softmax)(jnp.asarray(x))
-    assert ulp_error(out[:dominated, 0], ref[:dominated, 0]).max() <= 2.0  # 17 uncorrected
+    # The bound is the promised one (4 ulp); it still guards the correction, whose absence
+    # gives 17 ulp at the dominant entries. (Measured with the correction: 1.04 ulp with jax
+    # 0.10.2, 2.04 with 0.12.0.1, whose XLA sums the terms in another order.)
+    assert ulp_error(out[:dominated, 0], ref[:dominated, 0]).max() <= ULP_BOUND[F32]
     assert ulp_error(out, ref).max() <= ULP_BOUND[F32]
     t = jnp.asarray(np.random.default_rng(0).standard_normal(x.shape), F32)
-    (_, out_rule), _ = jax.jit(
-        jax.value_and_grad(lambda v: (jnp.sum(jaxlse.log_softmax(v) * t), jaxlse.log_softmax(v)),
-                           has_aux=True)
-    )(jnp.asarray(x))
-    assert ulp_error(out_rule[:dominated, 0], ref[:dominated, 0]).max() <= 2.0
+    (_, out_rule), _ = _log_softmax_value_and_grad(jnp.asarray(x), t)
+    assert ulp_error(out_rule[:dominated, 0], ref[:dominated, 0]).max() <= ULP_BOUND[F32]
 
 
 # Shapes with axes of size 1 and reduced axes that are not trailing: the single-row and
