@@ -73,13 +73,13 @@ def _is_zero(t: object) -> bool:
 
 
 def _chunk_logits(
-    x: jax.Array, w: jax.Array, b: jax.Array | None, c0: jax.Array | int, size: int
+    x: jax.Array, w: jax.Array, b: jax.Array | None, start: jax.Array | int, size: int
 ) -> tuple[jax.Array, jax.Array]:
-    """``(x @ w[:, c0:c0 + size] + b[c0:c0 + size], w[:, c0:c0 + size])``."""
-    wc = lax.dynamic_slice_in_dim(w, c0, size, axis=1)
+    """``(x @ w[:, start:start + size] + b[start:start + size], w[:, start:start + size])``."""
+    wc = lax.dynamic_slice_in_dim(w, start, size, axis=1)
     logits = jnp.dot(x, wc)
     if b is not None:
-        logits = logits + lax.dynamic_slice_in_dim(b, c0, size)[None, :]
+        logits = logits + lax.dynamic_slice_in_dim(b, start, size)[None, :]
     return logits, wc
 
 
@@ -91,23 +91,46 @@ def _capped(logits: jax.Array, cap: jax.Array | None) -> tuple[jax.Array, jax.Ar
     return cap * u, u
 
 
+def _is_label(idx: jax.Array, start: jax.Array | int, size: int) -> jax.Array:
+    """(N, size): whether class ``start + j`` is token n's label."""
+    rel = idx - lax.convert_element_type(start, idx.dtype)
+    return lax.broadcasted_iota(idx.dtype, (1, size), 1) == rel[:, None]
+
+
+def _where(mask: jax.Array | None, v: jax.Array, other: float) -> jax.Array:
+    return v if mask is None else jnp.where(mask, v, other)
+
+
 def _over_chunks(step, carry, num_classes: int, chunk: int, checkpoint: bool = False):
-    """Runs ``carry = step(carry, c0, size)`` over the chunks: a scan over the full chunks and
-    one call for the remainder (its own static size, so no padding enters any sum)."""
+    """Runs ``carry = step(carry, start, fresh)`` over the chunks of ``chunk`` classes.
+
+    One scan, one body: chunk i reads classes ``[start, start + chunk)`` with
+    ``start = min(i * chunk, V - chunk)``. When ``chunk`` does not divide V the last chunk
+    overlaps the one before, and ``fresh`` (a (1, chunk) mask, else None) marks the classes that
+    no earlier chunk read; ``step`` leaves the others out of every sum (no padding, and no
+    class counted twice). ``checkpoint`` puts the body under :func:`jax.checkpoint`, so that
+    reverse mode recomputes what it needs of a chunk instead of saving it.
+    """
     full, rem = divmod(num_classes, chunk)
 
     def body(carry, i):
-        return step(carry, i * chunk, chunk), None
+        start = jnp.minimum(i * chunk, num_classes - chunk)
+        fresh = None
+        if rem:
+            fresh = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1) >= i * chunk
+        return step(carry, start, fresh)
 
     if checkpoint:
         body = jax.checkpoint(body, prevent_cse=False)
-    if full == 1:
-        carry = body(carry, 0)[0]
-    elif full > 1:
-        carry = lax.scan(body, carry, jnp.arange(full, dtype=jnp.int32))[0]
-    if rem:
-        last = partial(step, c0=full * chunk, size=rem)
-        carry = (jax.checkpoint(last, prevent_cse=False) if checkpoint else last)(carry)
+    if full + bool(rem) == 1:
+        return step(carry, 0, None)
+    # The chunk index is carried (not scanned over an arange), so that nothing in the
+    # program grows with the number of chunks.
+    (carry, _), _ = lax.scan(
+        lambda c, _: ((body(c[0], c[1]), c[1] + 1), None),
+        (carry, jnp.zeros((), jnp.int32)),
+        length=full + bool(rem),
+    )
     return carry
 
 
@@ -125,13 +148,12 @@ def _stats_pass(
     in the compute dtype (float32 or float64); the logits are capped if ``cap`` is given."""
     cd = x.dtype
     big = jnp.finfo(cd).max
-    n = x.shape[0]
-    zeros = jnp.zeros((n,), cd)
-    seen = jnp.zeros((), cd)
+    n, size = x.shape[0], static.chunk
 
-    def step(carry, c0, size):
+    def step(carry, start, fresh):
         m, t, k, l_y, r, seen = carry
-        logits, _ = _capped(_chunk_logits(x, w, b, c0, size)[0], cap)
+        logits = _capped(_chunk_logits(x, w, b, start, size)[0], cap)[0]
+        logits = _where(fresh, logits, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         z = logits - m_new[:, None]
         # Terms strictly below the (new) max, and the entries at it. A raised max turns the old
@@ -146,26 +168,26 @@ def _stats_pass(
         moved = m < m_new
         t = t * scale + jnp.where(moved, k * scale, 0.0) + t_c
         k = jnp.where(moved, 0.0, k) + k_c
-        cols = c0 + lax.broadcasted_iota(jnp.int32, (1, size), 1)
-        l_y = l_y + jnp.sum(jnp.where(cols == idx[:, None], logits, 0.0), axis=1)
+        label = _is_label(idx, start, size)
+        label = label if fresh is None else label & fresh
+        l_y = l_y + jnp.sum(jnp.where(label, logits, 0.0), axis=1)
         if sw is not None:
             # r = sum over the classes so far of sw_v (m - l_v) >= 0, kept for the running max:
             # a raised max adds (m_new - m) times the weight of the classes already seen.
             raised = jnp.where(seen > 0, (m_new - m) * seen, 0.0)
-            neg_z = -z
             if static.uniform:
-                r = r + raised + sw * jnp.sum(neg_z, axis=1)
-                seen = seen + sw * size
+                r = r + raised + sw * jnp.sum(_where(fresh, -z, 0.0), axis=1)
+                seen = seen + sw * (size if fresh is None else jnp.sum(fresh.astype(cd)))
             else:
-                swc = lax.dynamic_slice_in_dim(sw, c0, size)[None, :]
+                swc = _where(fresh, lax.dynamic_slice_in_dim(sw, start, size)[None, :], 0.0)
                 # 0 * inf = 0 at a -inf logit of a class with weight 0.
-                term = jnp.where(swc == 0, 0.0, swc * neg_z)
-                r = r + raised + jnp.sum(term, axis=1)
+                r = r + raised + jnp.sum(jnp.where(swc == 0, 0.0, swc * -z), axis=1)
                 seen = seen + jnp.sum(swc)
         return m_new, t, k, l_y, r, seen
 
-    carry = (jnp.full((n,), -big, cd), zeros, zeros, zeros, zeros, seen)
-    m, t, k, l_y, r, _ = _over_chunks(step, carry, w.shape[1], static.chunk)
+    zeros = jnp.zeros((n,), cd)
+    carry = (jnp.full((n,), -big, cd), zeros, zeros, zeros, zeros, jnp.zeros((), cd))
+    m, t, k, l_y, r, _ = _over_chunks(step, carry, w.shape[1], size)
     # k max entries and t below them: L = log(k + t) = log1p(t + k - 1); 0 in a row whose
     # entries are all -inf (k = 0, as in cross_entropy).
     log_sum = jnp.log1p(t + jnp.maximum(k - 1, 0.0))
@@ -191,30 +213,28 @@ def _row_stats_jvp(static, primals, tangents):
     x_dot, w_dot, b_dot, _, sw_dot, cap_dot = tangents
     out = _row_stats(static, x, w, b, idx, sw, cap)
     m, log_sum = out[0], out[1]
-    cd = m.dtype
+    lse = m + log_sum
     # Kept for the backward pass: x, w, b and the per-token statistics, nothing per class. The
     # chunk body is checkpointed, so the transpose of this scan recomputes each logits block
     # (one more matmul per chunk) instead of saving it. m is held constant (zero tangent):
     # L's tangent is that of logsumexp, and every use of m is in m + L, l_y - m or m - l_v.
-    dx = None if _is_zero(x_dot) else x_dot
-    dw = None if _is_zero(w_dot) else w_dot
-    db = None if _is_zero(b_dot) else b_dot
-    dsw = None if _is_zero(sw_dot) else sw_dot
-    dcap = None if _is_zero(cap_dot) else cap_dot
-    n = x.shape[0]
+    dx, dw, db, dsw, dcap = (
+        None if _is_zero(t) else t for t in (x_dot, w_dot, b_dot, sw_dot, cap_dot)
+    )
+    size = static.chunk
 
-    def step(acc, c0, size):
+    def step(acc, start, fresh):
         a_l, a_y, a_r = acc
-        logits, wc = _chunk_logits(x, w, b, c0, size)
+        logits, wc = _chunk_logits(x, w, b, start, size)
         capped, u = _capped(logits, cap)
         d_logits = None
         if dx is not None:
             d_logits = jnp.dot(dx, wc)
         if dw is not None:
-            term = jnp.dot(x, lax.dynamic_slice_in_dim(dw, c0, size, axis=1))
+            term = jnp.dot(x, lax.dynamic_slice_in_dim(dw, start, size, axis=1))
             d_logits = term if d_logits is None else d_logits + term
         if db is not None:
-            term = lax.dynamic_slice_in_dim(db, c0, size)[None, :]
+            term = lax.dynamic_slice_in_dim(db, start, size)[None, :]
             d_logits = term if d_logits is None else d_logits + term
         if cap is not None:
             # d(cap tanh(l / cap)) = (1 - u^2) dl + (u - (l / cap)(1 - u^2)) dcap.
@@ -224,32 +244,34 @@ def _row_stats_jvp(static, primals, tangents):
                 term = dcap * (u - (logits / cap) * slope)
                 d_logits = term if d_logits is None else d_logits + term
         if d_logits is not None:
-            p = jnp.exp(capped - (m + log_sum)[:, None])
+            # Classes read by an earlier chunk contribute nothing (p and the label mask are 0
+            # there too, but a product with 0 would not hide an inf).
+            d_logits = _where(fresh, d_logits, 0.0)
+            p = jnp.exp(capped - lse[:, None])
             a_l = a_l + jnp.sum(p * d_logits, axis=1)
-            cols = c0 + lax.broadcasted_iota(jnp.int32, (1, size), 1)
-            a_y = a_y + jnp.sum(jnp.where(cols == idx[:, None], d_logits, 0.0), axis=1)
+            a_y = a_y + jnp.sum(jnp.where(_is_label(idx, start, size), d_logits, 0.0), axis=1)
         if sw is not None:
             if d_logits is not None:
                 if static.uniform:
                     a_r = a_r - sw * jnp.sum(d_logits, axis=1)
                 else:
-                    swc = lax.dynamic_slice_in_dim(sw, c0, size)[None, :]
+                    swc = lax.dynamic_slice_in_dim(sw, start, size)[None, :]
                     a_r = a_r - jnp.sum(swc * d_logits, axis=1)
             if dsw is not None:
-                neg_z = m[:, None] - capped
+                neg_z = _where(fresh, m[:, None] - capped, 0.0)
                 if static.uniform:
                     a_r = a_r + dsw * jnp.sum(neg_z, axis=1)
                 else:
-                    swc = lax.dynamic_slice_in_dim(sw, c0, size)[None, :]
-                    dswc = lax.dynamic_slice_in_dim(dsw, c0, size)[None, :]
+                    swc = lax.dynamic_slice_in_dim(sw, start, size)[None, :]
+                    dswc = lax.dynamic_slice_in_dim(dsw, start, size)[None, :]
                     # The derivative in a zero weight at a -inf logit is taken as 0, as the
                     # value's 0 * inf is.
                     safe = jnp.where((swc == 0) & (neg_z == jnp.inf), 0.0, neg_z)
                     a_r = a_r + jnp.sum(dswc * safe, axis=1)
         return a_l, a_y, a_r
 
-    zeros = jnp.zeros((n,), cd)
-    dl, dy, dr = _over_chunks(step, (zeros, zeros, zeros), w.shape[1], static.chunk, True)
+    zeros = jnp.zeros((x.shape[0],), m.dtype)
+    dl, dy, dr = _over_chunks(step, (zeros, zeros, zeros), w.shape[1], size, checkpoint=True)
     return out, (jnp.zeros_like(m), dl, dy, dr)
 
 
@@ -298,6 +320,7 @@ _token_losses_jit = jax.jit(_token_losses, static_argnums=(0, 1))
 
 
 def _prepared_labels(
+    arrays: tuple[object, ...],
     batch: tuple[int, ...],
     num_classes: int,
     dtype: jnp.dtype,
@@ -310,14 +333,15 @@ def _prepared_labels(
     """``(labels, weight, counted)`` from cross_entropy's ``_prepare``, without logits.
 
     ``_prepare`` reads only the shape and dtype of the logits, so an abstract stand-in of shape
-    ``batch + (num_classes,)`` takes their place and no (N, V) array is made. With concrete
-    arguments it runs under ``jax.eval_shape`` (which supplies the stand-in) and
-    ``jax.ensure_compile_time_eval`` (so that the labels stay concrete and an out-of-range
-    label raises eagerly, as in cross_entropy); under a trace it runs in a ``jax.jit`` whose
-    stand-in zeros XLA removes, as nothing reads them.
+    ``batch + (num_classes,)`` takes their place and no (N, V) array is made. When every one of
+    ``arrays`` (all the array arguments) is concrete it runs under ``jax.eval_shape`` (which
+    supplies the stand-in) and ``jax.ensure_compile_time_eval`` (so that the labels stay
+    concrete and an out-of-range label raises eagerly, as in cross_entropy with concrete
+    logits); otherwise it runs in a ``jax.jit`` whose stand-in zeros XLA removes, as nothing
+    reads them (and, as in cross_entropy under a trace, a bad label gives NaN).
     """
     shape = (*batch, num_classes)
-    if all(_concrete(v) for v in (labels, weight, where)):
+    if all(_concrete(v) for v in arrays):
         found = []
 
         def trace(proxy: jax.Array) -> None:
@@ -420,8 +444,9 @@ def linear_cross_entropy(
       TypeError: if ``x``, ``w``, ``bias`` or ``weight`` is not real, ``labels`` is not an
         integer array (soft labels are not supported), ``where`` is not boolean, or
         ``chunk_size`` is not an int.
-      ValueError: if ``w`` is not 2-D, ``x`` is a scalar, ``x.shape[-1]`` differs from
-        ``w.shape[0]`` or ``bias`` is not of shape ``(V,)`` (naming both shapes), and for the
+      ValueError: if ``w`` is not 2-D or has no column, ``x`` is a scalar, ``x.shape[-1]``
+        differs from ``w.shape[0]`` or ``bias`` is not of shape ``(V,)`` (naming both shapes),
+        and for the
         problems :func:`cross_entropy` reports: ``labels``, ``weight`` or ``where`` of the
         wrong shape, ``label_smoothing`` outside [0, 1], a negative ``z_loss``, a
         non-positive ``soft_cap``, an unknown ``reduction``, or (with concrete labels) an
@@ -475,6 +500,8 @@ def linear_cross_entropy(
             f"{xa.shape} and w of shape {wa.shape}"
         )
     num_classes = wa.shape[1]
+    if num_classes == 0:
+        raise ValueError(f"{_FN}: `w` must have at least one class (column), got shape {wa.shape}")
     if ba is not None and ba.shape != (num_classes,):
         raise ValueError(
             f"{_FN}: `bias` must have shape (V,) = ({num_classes},) for w of shape "
@@ -492,7 +519,8 @@ def linear_cross_entropy(
     dtype = promoted_float(*(a for a in (xa, wa, ba) if a is not None))
     batch = xa.shape[:-1]
     lab, wt, counted = _prepared_labels(
-        batch, num_classes, dtype, labels, weight, ignore_index, where, reduction
+        (xa, wa, ba, labels, weight, where),
+        batch, num_classes, dtype, labels, weight, ignore_index, where, reduction,
     )
     out_dtype = compute_dtype(dtype)
     num_tokens = math.prod(batch)
