@@ -5,7 +5,11 @@ measured against the exact answer for the given (rounded) inputs, computed in fl
 
 * ``log_softmax``: ulps of its own value;
 * ``logsumexp``: ulps of ``max(|result|, max|input|)`` (the scale the inputs fix);
-* ``cross_entropy`` with integer labels (per example): ulps of the loss.
+* ``cross_entropy`` with integer labels (per example): ulps of the loss;
+* its gradient (of the summed losses, ``softmax - onehot``): ulps of each entry's own value
+  (entries in the normal range; below it XLA:CPU flushes to 0), and ulps of the row's largest
+  entry. The label's entry of a confident correct prediction, ``p_y - 1`` of about ``-9e-11``,
+  is where ``p_y - 1`` computed as such rounds to 0.
 
 Run: ``python benchmarks/bench_accuracy.py`` (a few minutes on 2 CPU cores).
 """
@@ -56,6 +60,15 @@ def exact_log_softmax(x: np.ndarray) -> np.ndarray:
     return (x - m) - np.log1p(e.sum(axis=-1, keepdims=True))
 
 
+def exact_ce_grad(log_softmax: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Float64 ``softmax - onehot`` from the exact log-softmax; the label's entry as
+    ``expm1(log_softmax_y)`` (``p_y - 1`` without cancellation)."""
+    g = np.exp(log_softmax)
+    rows = np.arange(g.shape[0])
+    g[rows, labels] = np.expm1(log_softmax[rows, labels])
+    return g
+
+
 def ulps(got: np.ndarray, want: np.ndarray, scale: np.ndarray, dtype: jnp.dtype) -> float:
     """Largest ``|got - want|`` in units of ``dtype``'s spacing at ``|scale|``."""
     spacing = np.spacing(np.abs(scale).astype(np.float32)).astype(np.float64)
@@ -96,6 +109,19 @@ def measure(
             ce = [to_np(lambda v, y=y: jaxlse.cross_entropy(v, y, reduction="none"), x),
                   to_np(optax.softmax_cross_entropy_with_integer_labels, x, y)]
             out.append((name, "cross_entropy", *(ulps(v, want, want, dtype) for v in ce)))
+            g_want = exact_ce_grad(lsm_want, labels)
+            tiny = float(jnp.finfo(dtype).tiny)
+            normal = np.abs(g_want) >= tiny
+            row_max = np.broadcast_to(np.abs(g_want).max(axis=-1, keepdims=True), g_want.shape)
+            grads = [to_np(jax.grad(lambda v, y=y: jnp.sum(
+                         jaxlse.cross_entropy(v, y, reduction="none"))), x),
+                     to_np(jax.grad(lambda v, y=y: jnp.sum(
+                         optax.softmax_cross_entropy_with_integer_labels(v, y))), x)]
+            out.append((name, "cross_entropy grad, each entry",
+                        *(ulps(g[normal], g_want[normal], g_want[normal], dtype)
+                          for g in grads)))
+            out.append((name, "cross_entropy grad, row's largest entry",
+                        *(ulps(g, g_want, row_max, dtype) for g in grads)))
     return out
 
 

@@ -37,6 +37,7 @@ from ._checks import (
     promoted_float,
 )
 from ._rowstats import (
+    RowStats,
     batch_whole,
     floored_max,
     inv_sum,
@@ -95,17 +96,7 @@ def _lse_value(
     size in temporaries, measured).
     """
     if b is None and jnp.dtype(x.dtype).itemsize >= 4:
-        stats = row_log_sum(
-            axes, x, mask, care=_small_max, with_tiny=True, out_dtype=x.dtype, clip_inf=clip_inf
-        )
-        m, cd = stats.m, stats.log_sum.dtype
-        out = jnp.minimum(m.astype(cd), jnp.finfo(cd).max) + stats.log_sum
-        out = jnp.where(m == jnp.inf, jnp.inf, out)
-        out = -patch_tiny(-out, m == 0, stats.t_tiny)
-        # -inf for a row with no entry above -inf (whose L is 0); its sign is 0, NaN's is NaN.
-        out = jnp.where(stats.live, out, -jnp.inf)
-        sign = jnp.where(jnp.isnan(out), out, (out > -jnp.inf).astype(cd))
-        return out, sign
+        return _lse_from(_lse_stats(axes, x, mask, clip_inf))
     if b is None:
         m, total = sum_exp(axes, x, mask, clip_inf=clip_inf)
     else:
@@ -124,6 +115,27 @@ def _lse_value(
         undefined = (m == jnp.inf) & jnp.logical_not(jnp.abs(total) > 0)
         nan = nan_where(undefined, cd)
         out, sign = jnp.where(undefined, nan, out), jnp.where(undefined, nan, sign)
+    return out, sign
+
+
+def _lse_stats(
+    axes: tuple[int, ...], x: jax.Array, mask: jax.Array | None, clip_inf: bool = True
+) -> RowStats:
+    """The row statistics of a float32 or float64 logsumexp without ``b`` (see _lse_value)."""
+    return row_log_sum(
+        axes, x, mask, care=_small_max, with_tiny=True, out_dtype=x.dtype, clip_inf=clip_inf
+    )
+
+
+def _lse_from(stats: RowStats) -> tuple[jax.Array, jax.Array]:
+    """``(logsumexp, sign)`` from :func:`_lse_stats`, reduced axes kept."""
+    m, cd = stats.m, stats.log_sum.dtype
+    out = jnp.minimum(m.astype(cd), jnp.finfo(cd).max) + stats.log_sum
+    out = jnp.where(m == jnp.inf, jnp.inf, out)
+    out = -patch_tiny(-out, m == 0, stats.t_tiny)
+    # -inf for a row with no entry above -inf (whose L is 0); its sign is 0, NaN's is NaN.
+    out = jnp.where(stats.live, out, -jnp.inf)
+    sign = jnp.where(jnp.isnan(out), out, (out > -jnp.inf).astype(cd))
     return out, sign
 
 
@@ -150,12 +162,22 @@ def _logsumexp_jvp(axes, primals, tangents):
     x_dot, _, b_dot = tangents
     # With b, the primal is the core itself: differentiated again, it takes this rule (its
     # derivative in b is not that of the sum it computes, which leaves out b == 0 entries).
-    if b is None:
+    exact = b is None and jnp.dtype(x.dtype).itemsize >= 4
+    if exact:
+        stats = _lse_stats(axes, x, mask)
+        out, sign = _lse_from(stats)
+    elif b is None:
         out, sign = _lse_value(axes, x, mask, None, clip_inf=True)
     else:
         out, sign = _logsumexp_core(axes, x, mask, b)
     x_dot = _masked(x_dot.astype(out.dtype), mask)
-    if b is None:
+    if exact:
+        # d lse = sum_j softmax_j dx_j with softmax = exp(z) / S from the same statistics (see
+        # inv_sum), which are differentiable in x (m is held constant), so derivatives of any
+        # order stay exact. It is 0 on excluded entries and on rows with no entry.
+        y = jnp.exp(shifted(x, stats.m, mask)) * inv_sum(stats)
+        out_dot = jnp.sum(y * x_dot, axis=axes, keepdims=True)
+    elif b is None:
         # d lse = sum_j softmax_j dx_j. softmax is itself a custom_jvp core, so derivatives of any
         # order stay exact; it is 0 on excluded entries and on rows with no entry, which gives
         # those a zero tangent instead of exp(-inf - (-inf)) = NaN.
