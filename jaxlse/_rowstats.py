@@ -12,13 +12,14 @@ function is built from :math:`m` and :math:`L = \log S`: ``logsumexp = m + L``,
 * :func:`reduce_rows`, :func:`row_sum`: the reductions, laid out for accuracy (any batch of
   trailing axes as a (rows, n) matrix, a single row cut into parts) and for speed (long rows
   summed in blocks).
-* :func:`sum_exp`, :func:`row_log_sum`: ``(m, S)`` and ``(m, L)``. ``row_log_sum`` runs the exact
-  pass, ``L = log1p(t + k - 1)`` from the sum ``t`` of the non-maximal terms, for the rows where
-  ``log(S)`` would lose relative accuracy, and only when some row needs it (a conditional, over
-  those rows alone when they are few); :func:`batch_whole` keeps that conditional a conditional
-  under ``vmap``.
+* :func:`sum_exp`, :func:`row_log_sum`: ``(m, S)`` and :class:`RowStats` (``m``, ``L``, whether the
+  row has an entry, ...). ``row_log_sum`` runs the exact pass, ``L = log1p(t + k - 1)`` from the sum
+  ``t`` of the non-maximal terms, for the rows where ``log(S)`` would lose relative accuracy, and
+  only when some row needs it (a conditional, over those rows alone when they are few);
+  :func:`batch_whole` keeps that conditional a conditional under ``vmap``.
 * :func:`patch_tiny`: results below the smallest normal number, assembled from their bits.
-* :func:`probs`: the softmax a rule's backward pass rebuilds from ``x`` and the statistics.
+* :func:`probs`, :func:`inv_sum`: the softmax ``exp(z) / S`` a rule's backward pass rebuilds
+  from ``x`` and the statistics.
 * :func:`take_last`: the gather of the label logits.
 
 Semantics hold on every backend. Some choices are made only for XLA:CPU's speed or memory (an
