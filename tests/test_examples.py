@@ -176,3 +176,47 @@ def test_command_line(tmp_path: Path) -> None:
     _assert_one_line_error(bad.stderr, "--epochs")
     assert "Warning" not in bad.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written, not even results/
+
+
+def test_train_lm_smoke(tmp_path: Path, capsys) -> None:
+    """examples/train_lm.py with tiny settings: it trains, writes the curve and the metrics,
+    samples lines, and stops bad input before training (with a one-line error)."""
+    import math  # (this test is appended to the module; its imports stay as they were)
+
+    if importlib.util.find_spec("jaxlse") is None:  # running from a source tree
+        sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location("train_lm", ROOT / "examples" / "train_lm.py")
+    assert spec is not None and spec.loader is not None
+    lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lm)
+
+    out = tmp_path / "lm" / "curve.png"
+    tiny = ["--steps", "3", "--batch-size", "2", "--context", "8", "--dim", "16", "--heads", "2",
+            "--layers", "1", "--vocab-size", "512", "--max-files", "5", "--seed", "1"]
+    with jax.numpy_dtype_promotion("standard"):  # optax's adamw, as in _run above
+        assert lm.main([*tiny, "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    metrics = json.loads(out.with_suffix(".json").read_text())
+    captured = capsys.readouterr()
+    assert "steps" in captured.err and "tok_s" in captured.err  # the tqdm progress bar
+    assert "loss step memory" in captured.out and "materialised logits" in captured.out
+    assert len(metrics["history"]["step_loss"]) == 3
+    assert all(math.isfinite(v) for v in metrics["history"]["step_loss"])
+    assert 0 < metrics["final"]["val_loss"] < 1.1 * math.log(512)
+    assert metrics["corpus"]["vocab"] == 512 and metrics["corpus"]["files"] == 5
+    temps = metrics["loss_step_temp_bytes"]
+    assert temps["linear_cross_entropy"] > 0 and temps["materialised"] > 0
+    samples = zip(metrics["samples"], lm.PROMPTS, strict=True)
+    assert all(line.startswith(prompt.split()[0]) for line, prompt in samples)
+
+    for argv, message in [(["--steps", "0"], "--steps"), (["--dim", "16", "--heads", "3"],
+                          "--heads"), (["--vocab-size", "8"], "--vocab-size"),
+                          (["--lr", "nan"], "--lr")]:
+        bad = tmp_path / "bad" / "curve.png"
+        with pytest.raises(SystemExit) as excinfo:
+            lm.main([*argv, "--out", str(bad)])
+        assert excinfo.value.code == 2
+        errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+        assert len(errors) == 1 and errors[0].startswith("train_lm.py: error:"), errors
+        assert message in errors[0]
+        assert not bad.exists()
