@@ -1044,12 +1044,22 @@ def test_out_of_range_label_under_jit_loss_is_nan(fn, bad):
 
 @pytest.mark.parametrize("bad", [-1, 5])
 @pytest.mark.parametrize("fn", LOSSES)
-def test_out_of_range_label_under_jit_gradient_row_is_nan(fn, bad):
+def test_out_of_range_label_under_jit_adds_nothing_to_derivatives(fn, bad):
+    """A bad label's example has a NaN loss and a zero gradient row: a NaN row would come back
+    as 0 * NaN in the reverse-mode jacobian of the other examples' losses, where forward mode
+    gives 0."""
     x, _, labels = _bad_label_case(bad)
-    _, grad = jax.jit(lambda v, y: loss_and_grad_traced(
+    loss, grad = jax.jit(lambda v, y: loss_and_grad_traced(
         lambda u: _loss(fn, u, y, reduction="none", ignore_index=-7), v))(x, labels)
-    assert np.all(np.isnan(grad[1])), grad[1]
+    assert np.isnan(loss[1])
+    np.testing.assert_array_equal(np.asarray(grad)[1], 0.0)
     assert np.all(np.isfinite(np.asarray(grad)[[0, 2, 3]]))
+    per_example = jax.jit(lambda v, y: (
+        jax.jacrev(lambda u: _loss(fn, u, y, reduction="none", ignore_index=-7))(v),
+        jax.jacfwd(lambda u: _loss(fn, u, y, reduction="none", ignore_index=-7))(v)))
+    rev, fwd = (np.asarray(a)[[0, 2, 3]] for a in per_example(x, labels))
+    assert np.all(np.isfinite(rev))
+    np.testing.assert_allclose(rev, fwd, rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------

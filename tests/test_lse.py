@@ -1182,14 +1182,15 @@ def test_memory_log_softmax_reference_keeps_output():
 
 
 def test_memory_logsumexp_and_softmax():
-    """Measured at (512, 4096): logsumexp 4,096 B forward and 4,160 B value_and_grad (about two
-    per-row vectors); softmax forward 2,048 B, value_and_grad 1.0005 arrays (the output y,
-    which its rule keeps; jax.nn's softmax gradient keeps 2.0 arrays)."""
+    """Measured at (512, 4096): logsumexp 27,248 B forward and 31,280 B value_and_grad (about
+    15 per-row vectors: the statistics of its exact pass, which keeps a result near a zero row
+    max accurate; 0.004 of the input); softmax forward 2,048 B, value_and_grad 1.0005 arrays
+    (the output y, which its rule keeps; jax.nn's softmax gradient keeps 2.0 arrays)."""
     x, t = _mem_args()
     r = jnp.zeros((MEM_N,), F32)
-    assert _temp_bytes(lambda v: jaxlse.logsumexp(v, axis=-1), x) <= 4 * ROW_BYTES
+    assert _temp_bytes(lambda v: jaxlse.logsumexp(v, axis=-1), x) <= 16 * ROW_BYTES
     f = jax.value_and_grad(lambda v, rr: jnp.sum(jaxlse.logsumexp(v, axis=-1) * rr))
-    assert _temp_bytes(f, x, r) <= 4 * ROW_BYTES
+    assert _temp_bytes(f, x, r) <= 16 * ROW_BYTES
     assert _temp_bytes(lambda v: jaxlse.softmax(v), x) <= 4 * ROW_BYTES
     f = jax.value_and_grad(lambda v, tt: jnp.sum(jaxlse.softmax(v) * tt))
     assert _temp_bytes(f, x, t) <= ARRAY_BYTES + 4 * ROW_BYTES
