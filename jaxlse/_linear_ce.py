@@ -22,8 +22,12 @@ rebuilt from the statistics and
 body is under :func:`jax.checkpoint`, so reverse mode (the transpose of that scan) saves no
 logits block but recomputes it: the backward pass is, per chunk,
 :math:`G = A p - B` (per-token :math:`A`, one-hot and smoothing :math:`B`) and
-:math:`\bar x \mathrel{+}= G W_c^\top`, :math:`\bar W_c = x^\top G`, :math:`\bar b_c = 1^\top G`.
-Forward mode (``jax.jvp``, ``jax.jacfwd``, Hessians) runs the same scans forward.
+:math:`\bar x \mathrel{+}= G W_c^\top`, :math:`\bar W_c = x^\top G`, :math:`\bar b_c = 1^\top G`,
+each chunk of :math:`\bar W` written in place (XLA turns the transpose's add of a zero-padded
+chunk into an in-place update of the float32 gradient; for a 16-bit gradient XLA:CPU would
+instead add a whole (d, V) array per chunk, which is why 16-bit inputs are converted to float32
+first). Forward mode (``jax.jvp``, ``jax.jacfwd``, Hessians) runs the same scans forward, and
+higher derivatives differentiate the rule, which calls the core again.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def _auto_chunk(num_tokens: int, num_classes: int) -> int:
 class _Static(NamedTuple):
     """The static configuration of the row statistics."""
 
-    chunk: int  # classes per chunk; the last chunk has the remainder (no padding)
+    chunk: int  # classes per chunk (at most V); see _over_chunks for the last one
     uniform: bool  # smoothing weights: a scalar for every class (True) or a (V,) array
 
 
@@ -168,9 +172,13 @@ def _stats_pass(
         moved = m < m_new
         t = t * scale + jnp.where(moved, k * scale, 0.0) + t_c
         k = jnp.where(moved, 0.0, k) + k_c
-        label = _is_label(idx, start, size)
-        label = label if fresh is None else label & fresh
-        l_y = l_y + jnp.sum(jnp.where(label, logits, 0.0), axis=1)
+        # The label's logit, gathered (one entry per token) from this chunk if it holds it.
+        rel = idx - lax.convert_element_type(start, idx.dtype)
+        inside = (rel >= 0) & (rel < size)
+        rel = jnp.clip(rel, 0, size - 1)
+        if fresh is not None:
+            inside = inside & fresh[0, rel]
+        l_y = l_y + jnp.where(inside, jnp.take_along_axis(logits, rel[:, None], axis=1)[:, 0], 0.0)
         if sw is not None:
             # r = sum over the classes so far of sw_v (m - l_v) >= 0, kept for the running max:
             # a raised max adds (m_new - m) times the weight of the classes already seen.
@@ -281,6 +289,7 @@ _row_stats.defjvp(_row_stats_jvp, symbolic_zeros=True)
 def _token_losses(
     static: _Static,
     smoothing: bool,
+    every: bool,
     x: jax.Array,
     w: jax.Array,
     b: jax.Array | None,
@@ -291,12 +300,17 @@ def _token_losses(
     cap: jax.Array | None,
     counted: jax.Array,
 ) -> jax.Array:
-    """Per-token losses for ``x`` of shape (N, d) and labels (N,); 0 where not ``counted``."""
+    """Per-token losses for ``x`` of shape (N, d) and labels (N,); 0 where not ``counted``.
+
+    ``every`` (static): no ``where`` and no ``ignore_index``, so that every token counts.
+    """
     cd = eps.dtype
     num_classes = w.shape[1]
-    # Excluded tokens read zeros: their logits are the bias and their gradient is 0 even if x
-    # holds inf or NaN there (a select, so nothing of theirs reaches dW).
-    x = jnp.where(counted[:, None], x, jnp.zeros((), x.dtype))
+    if not every:
+        # Excluded tokens read zeros: their logits are the bias and their gradient is 0 even
+        # if x holds inf or NaN there (a select, so nothing of theirs reaches dW). It copies x,
+        # so it is left out when every token counts.
+        x = jnp.where(counted[:, None], x, jnp.zeros((), x.dtype))
     bad, idx = _label_index(labels, num_classes, counted)
     sw = None
     if smoothing:
@@ -316,7 +330,7 @@ def _token_losses(
     return jnp.where(counted, loss, 0.0)
 
 
-_token_losses_jit = jax.jit(_token_losses, static_argnums=(0, 1))
+_token_losses_jit = jax.jit(_token_losses, static_argnums=(0, 1, 2))
 
 
 def _prepared_labels(
@@ -402,10 +416,15 @@ def linear_cross_entropy(
     ``w``) at a time, twice in a gradient (once for the per-token statistics, once to form
     :math:`(A_n + 2\zeta w_{y_n}\operatorname{logsumexp}(z_n))\operatorname{softmax}(z_n) - B_n`
     block by block and multiply it into the gradients of ``x``, ``w`` and ``bias``), so memory
-    holds one (N, chunk_size) block rather than (N, V) logits. The loss of a confident correct
-    prediction keeps its relative accuracy (it is :math:`\operatorname{log1p}` of the tiny sum
-    of the other terms, which are summed directly, never as 1 + tiny). Forward mode works
-    (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``), as does ``jax.vmap``.
+    holds a few (N, chunk_size) blocks rather than (N, V) logits, however large V is: a
+    ``value_and_grad`` keeps two or three float32 blocks of temporaries (9 to 12 MiB with the
+    default chunk size), where the materialised logits take two (N, V) arrays. It costs four matrix
+    products of N x d x V (the logits twice, the two gradients) where the materialised logits
+    cost three. The loss of a confident correct prediction keeps its relative accuracy (it is
+    :math:`\operatorname{log1p}` of the tiny sum of the other terms, which are summed
+    directly, never as 1 + tiny). Forward mode works (``jax.jvp``, ``jax.jacfwd``,
+    ``jax.hessian``, Hessian-vector products), as do ``jax.vmap`` and derivatives of any
+    order.
 
     Args:
       x: features of shape ``(..., d)``: one token per leading index.
@@ -426,19 +445,22 @@ def linear_cross_entropy(
         zero gradient when no token counts).
       where: boolean mask of the tokens' shape ``x.shape[:-1]``; ``False`` tokens are excluded
         like ignored ones.
-      chunk_size: classes per chunk, any positive int (the last chunk holds the remainder of
-        ``V``; it need not divide ``V``). None picks the multiple of 128 for which one float32
-        (N, chunk) block of the N tokens' logits takes about 4 MiB, between 128 and 8192 and at
-        most ``V``: 512 for 2048 tokens, 128 from 8192 tokens on.
+      chunk_size: classes per chunk, any positive int; it need not divide ``V`` (the last
+        chunk then overlaps the one before and leaves out the classes already read: nothing
+        is padded). None picks the multiple of 128 for which one float32 (N, chunk) block of
+        the N tokens' logits takes about 4 MiB, between 128 and 8192 and at most ``V``: 512
+        for 2048 tokens, 128 from 8192 tokens on.
 
     Returns:
       The per-token losses (shape ``x.shape[:-1]``) for ``"none"``, else a scalar; float32 for
       float16, bfloat16 and float32 inputs, float64 for float64 inputs (the logits' dtype is
-      that of ``x``, ``w`` and ``bias`` promoted together). The reductions over the classes and
-      the gradient accumulated over the chunks are float32 for 16-bit inputs; the gradients
-      have their inputs' dtypes. Excluded tokens give 0 with a zero gradient whatever ``x``
-      holds for them. A counted label outside ``[0, V)`` gives NaN for its token's loss and
-      the gradients (under ``jit``; eagerly it raises).
+      that of ``x``, ``w`` and ``bias`` promoted together). 16-bit inputs are converted to
+      float32 once, so the matrix products, the reductions over the classes and the gradient
+      of ``x`` summed over the chunks are float32 (on XLA:CPU this keeps float32 copies of
+      ``w`` and of its gradient, ``8 * d * V`` bytes); the gradients have their inputs'
+      dtypes, rounded once. Excluded tokens give 0 with a zero gradient whatever ``x`` holds
+      for them. A counted label outside ``[0, V)`` gives NaN for its token's loss and the
+      gradients (under ``jit``; eagerly it raises, as in cross_entropy).
 
     Raises:
       TypeError: if ``x``, ``w``, ``bias`` or ``weight`` is not real, ``labels`` is not an
@@ -446,11 +468,10 @@ def linear_cross_entropy(
         ``chunk_size`` is not an int.
       ValueError: if ``w`` is not 2-D or has no column, ``x`` is a scalar, ``x.shape[-1]``
         differs from ``w.shape[0]`` or ``bias`` is not of shape ``(V,)`` (naming both shapes),
-        and for the
-        problems :func:`cross_entropy` reports: ``labels``, ``weight`` or ``where`` of the
-        wrong shape, ``label_smoothing`` outside [0, 1], a negative ``z_loss``, a
-        non-positive ``soft_cap``, an unknown ``reduction``, or (with concrete labels) an
-        out-of-range label that is not ``ignore_index``; also a non-positive ``chunk_size``.
+        ``chunk_size`` is not positive, and for the problems :func:`cross_entropy` reports:
+        ``labels``, ``weight`` or ``where`` of the wrong shape, ``label_smoothing`` outside
+        [0, 1], a negative ``z_loss``, a non-positive ``soft_cap``, an unknown ``reduction``,
+        or (with concrete arguments) an out-of-range label that is not ``ignore_index``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -533,9 +554,11 @@ def linear_cross_entropy(
     smoothing = not (_concrete(label_smoothing) and float(np.asarray(label_smoothing)) == 0.0)
     chunk = _auto_chunk(num_tokens, num_classes) if chunk_size is None else chunk_size
     static = _Static(min(int(chunk), num_classes), weight is None)
+    every = where is None and ignore_index is None
     loss = _token_losses_jit(
         static,
         smoothing,
+        every,
         xa.astype(out_dtype).reshape(num_tokens, xa.shape[-1]),
         wa.astype(out_dtype),
         None if ba is None else ba.astype(out_dtype),
@@ -546,7 +569,6 @@ def linear_cross_entropy(
         cap,
         counted.reshape(num_tokens),
     )
-    every = where is None and ignore_index is None
     if every and wt is None:
         denom: jax.Array | int = num_tokens  # every token counts, with weight 1
     elif wt is None:
