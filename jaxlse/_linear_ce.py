@@ -146,10 +146,11 @@ def _stats_pass(
     idx: jax.Array,
     sw: jax.Array | None,
     cap: jax.Array | None,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(m, L, l_y, r)`` per token: the max, ``L = logsumexp - m``, the label's logit and
-    ``r = sum_v sw_v (m - l_v)`` (0 without smoothing weights ``sw``). Every floating input is
-    in the compute dtype (float32 or float64); the logits are capped if ``cap`` is given."""
+) -> tuple[jax.Array, ...]:
+    """``(m, L, l_y, r, S)`` per token: the max, ``L = logsumexp - m``, the label's logit,
+    ``r = sum_v sw_v (m - l_v)`` (0 without smoothing weights ``sw``) and the sum
+    ``S = sum_v exp(l_v - m)``. Every floating input is in the compute dtype (float32 or
+    float64); the logits are capped if ``cap`` is given."""
     cd = x.dtype
     big = jnp.finfo(cd).max
     n, size = x.shape[0], static.chunk
@@ -199,7 +200,7 @@ def _stats_pass(
     # k max entries and t below them: L = log(k + t) = log1p(t + k - 1); 0 in a row whose
     # entries are all -inf (k = 0, as in cross_entropy).
     log_sum = jnp.log1p(t + jnp.maximum(k - 1, 0.0))
-    return m, log_sum, l_y, r
+    return m, log_sum, l_y, r, t + k
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -211,8 +212,9 @@ def _row_stats(
     idx: jax.Array,
     sw: jax.Array | None,
     cap: jax.Array | None,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """:func:`_stats_pass` with the custom JVP below."""
+) -> tuple[jax.Array, ...]:
+    """:func:`_stats_pass` with the custom JVP below (``S`` has a zero tangent: it is used
+    under ``stop_gradient`` only)."""
     return _stats_pass(static, x, w, b, idx, sw, cap)
 
 
@@ -220,8 +222,15 @@ def _row_stats_jvp(static, primals, tangents):
     x, w, b, idx, sw, cap = primals
     x_dot, w_dot, b_dot, _, sw_dot, cap_dot = tangents
     out = _row_stats(static, x, w, b, idx, sw, cap)
-    m, log_sum = out[0], out[1]
-    lse = m + log_sum
+    m, log_sum, s = out[0], out[1], out[4]
+    # softmax = exp(l - m) / S. The value of 1 / S is taken from the sum itself: exp(-L) would
+    # carry the rounding of L (half an ulp of L = 10.4 is 8 ulp of every probability in a row
+    # of 32768 equal logits), as cross_entropy's rule avoids too. The derivative is that of
+    # exp(-L), so that higher derivatives stay exact. A row of -inf only has S = 0 (and p = 0).
+    inv_exp = jnp.exp(-log_sum)
+    inv_sum = inv_exp + lax.stop_gradient(
+        jnp.where(s > 0, 1 / jnp.where(s > 0, s, 1.0), inv_exp) - inv_exp
+    )
     # Kept for the backward pass: x, w, b and the per-token statistics, nothing per class. The
     # chunk body is checkpointed, so the transpose of this scan recomputes each logits block
     # (one more matmul per chunk) instead of saving it. m is held constant (zero tangent):
@@ -255,7 +264,7 @@ def _row_stats_jvp(static, primals, tangents):
             # Classes read by an earlier chunk contribute nothing (p and the label mask are 0
             # there too, but a product with 0 would not hide an inf).
             d_logits = _where(fresh, d_logits, 0.0)
-            p = jnp.exp(capped - lse[:, None])
+            p = jnp.exp(capped - m[:, None]) * inv_sum[:, None]
             a_l = a_l + jnp.sum(p * d_logits, axis=1)
             a_y = a_y + jnp.sum(jnp.where(_is_label(idx, start, size), d_logits, 0.0), axis=1)
         if sw is not None:
@@ -280,7 +289,7 @@ def _row_stats_jvp(static, primals, tangents):
 
     zeros = jnp.zeros((x.shape[0],), m.dtype)
     dl, dy, dr = _over_chunks(step, (zeros, zeros, zeros), w.shape[1], size, checkpoint=True)
-    return out, (jnp.zeros_like(m), dl, dy, dr)
+    return out, (jnp.zeros_like(m), dl, dy, dr, jnp.zeros_like(s))
 
 
 _row_stats.defjvp(_row_stats_jvp, symbolic_zeros=True)
@@ -315,7 +324,7 @@ def _token_losses(
     sw = None
     if smoothing:
         sw = eps / num_classes if weight is None else eps / num_classes * weight
-    m, log_sum, l_y, r = _row_stats(static, x, w, b, idx, sw, cap)
+    m, log_sum, l_y, r, _ = _row_stats(static, x, w, b, idx, sw, cap)
     wy = jnp.asarray(1, cd) if weight is None else weight[idx]
     # -log p_y = L - z_y with z_y = l_y - m <= 0: both terms >= 0.
     loss = (1 - eps) * wy * (log_sum - (l_y - m))
@@ -325,8 +334,9 @@ def _token_losses(
     lse = m + log_sum
     # where, not a product: lse**2 overflows for logits near 1e20 even when z_loss is 0.
     loss = loss + jnp.where(zeta > 0, zeta * wy * jnp.square(lse), 0.0)
-    # A counted token with a label out of range: NaN, and (through L) a NaN gradient.
-    loss = loss + nan_where(bad, cd) * log_sum
+    # A counted token with a label out of range: NaN, with a zero gradient (as in
+    # cross_entropy; a select, so the NaN is not in any product of the backward pass).
+    loss = jnp.where(bad, nan_where(bad, cd), loss)
     return jnp.where(counted, loss, 0.0)
 
 
@@ -459,8 +469,8 @@ def linear_cross_entropy(
       of ``x`` summed over the chunks are float32 (on XLA:CPU this keeps float32 copies of
       ``w`` and of its gradient, ``8 * d * V`` bytes); the gradients have their inputs'
       dtypes, rounded once. Excluded tokens give 0 with a zero gradient whatever ``x`` holds
-      for them. A counted label outside ``[0, V)`` gives NaN for its token's loss and the
-      gradients (under ``jit``; eagerly it raises, as in cross_entropy).
+      for them. A counted label outside ``[0, V)`` gives NaN for its token's loss, with a zero
+      gradient (under ``jit``; eagerly it raises, as in cross_entropy).
 
     Raises:
       TypeError: if ``x``, ``w``, ``bias`` or ``weight`` is not real, ``labels`` is not an
