@@ -669,13 +669,12 @@ def inv_sum(stats: RowStats) -> jax.Array:
 
     ``softmax = exp(z) / S``: ``exp(z - L)`` would add the rounding of ``L`` (up to half an ulp
     of :math:`L`, e.g. 8 float32 ulp of every probability in a row of 32768 equal logits,
-    where :math:`L = 10.4`). Where :math:`S \ge 8` the float32 sum is the more accurate; below
-    it ``L`` is exact (the exact pass) and :math:`L < 2.08`, so ``exp(-L)`` is.
+    where :math:`L = 10.4`). The float32 sum ``S`` is within a few ulp, and ``1 / S`` does not
+    amplify that (``log(S)`` does for small ``L``, hence the exact pass for ``L``).
     """
     approx = jnp.exp(-stats.log_sum)
     total = lax.stop_gradient(stats.total)
-    value = jnp.where(total >= _EXACT_BELOW, 1 / jnp.where(total > 0, total, 1.0), approx)
-    value = jnp.where(stats.live, value, 0.0)
+    value = jnp.where(stats.live, 1 / jnp.where(total > 0, total, 1.0), 0.0)
     return approx + lax.stop_gradient(value - approx)
 
 
