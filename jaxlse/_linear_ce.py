@@ -80,10 +80,14 @@ def _chunk_logits(
     x: jax.Array, w: jax.Array, b: jax.Array | None, start: jax.Array | int, size: int
 ) -> tuple[jax.Array, jax.Array]:
     """``(x @ w[:, start:start + size] + b[start:start + size], w[:, start:start + size])``."""
+    cd = compute_dtype(x.dtype)
     wc = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-    logits = jnp.dot(x, wc)
+    # 16-bit x and w are multiplied as they are, into float32: their products are exact in
+    # float32, so these are the logits of the inputs converted to float32, and the product is
+    # faster (XLA:CPU: 0.67 s against 0.95 s in float32 at 2048 x 512 x 32768).
+    logits = jnp.dot(x, wc, preferred_element_type=cd)
     if b is not None:
-        logits = logits + lax.dynamic_slice_in_dim(b, start, size)[None, :]
+        logits = logits + lax.dynamic_slice_in_dim(b, start, size).astype(cd)[None, :]
     return logits, wc
 
 
@@ -151,7 +155,7 @@ def _stats_pass(
     ``r = sum_v sw_v (m - l_v)`` (0 without smoothing weights ``sw``) and the sum
     ``S = sum_v exp(l_v - m)``. Every floating input is in the compute dtype (float32 or
     float64); the logits are capped if ``cap`` is given."""
-    cd = x.dtype
+    cd = compute_dtype(x.dtype)
     big = jnp.finfo(cd).max
     n, size = x.shape[0], static.chunk
 
@@ -239,6 +243,11 @@ def _row_stats_jvp(static, primals, tangents):
         None if _is_zero(t) else t for t in (x_dot, w_dot, b_dot, sw_dot, cap_dot)
     )
     size = static.chunk
+    # 16-bit x, w, bias: their tangents are converted to float32 here, so that the transpose
+    # accumulates the gradients of x and w over the chunks in float32 and rounds them once.
+    cd = m.dtype
+    dx, dw, db = (None if t is None else t.astype(cd) for t in (dx, dw, db))
+    x_cd = x.astype(cd) if dw is not None else None
 
     def step(acc, start, fresh):
         a_l, a_y, a_r = acc
@@ -246,9 +255,13 @@ def _row_stats_jvp(static, primals, tangents):
         capped, u = _capped(logits, cap)
         d_logits = None
         if dx is not None:
-            d_logits = jnp.dot(dx, wc)
+            # XLA:CPU turns the conversion of w's chunk into one float32 copy of w hoisted out
+            # of the loop (4 * d * V bytes), whatever is done in the loop: an optimization
+            # barrier (removed early), a conversion by integer operations on the bits or a
+            # product with a value from the carry all gave the same copy (measured).
+            d_logits = jnp.dot(dx, wc.astype(cd))
         if dw is not None:
-            term = jnp.dot(x, lax.dynamic_slice_in_dim(dw, start, size, axis=1))
+            term = jnp.dot(x_cd, lax.dynamic_slice_in_dim(dw, start, size, axis=1))
             d_logits = term if d_logits is None else d_logits + term
         if db is not None:
             term = lax.dynamic_slice_in_dim(db, start, size)[None, :]
@@ -569,9 +582,9 @@ def linear_cross_entropy(
         static,
         smoothing,
         every,
-        xa.astype(out_dtype).reshape(num_tokens, xa.shape[-1]),
-        wa.astype(out_dtype),
-        None if ba is None else ba.astype(out_dtype),
+        xa.astype(dtype).reshape(num_tokens, xa.shape[-1]),
+        wa.astype(dtype),
+        None if ba is None else ba.astype(dtype),
         lab.reshape(num_tokens),
         wt,
         eps,
