@@ -254,6 +254,10 @@ def test_chunk_sizes_shapes_and_bias(x64):
         Case("traced", "none", 64, num_classes=37),
         Case("traced", "none", 8, num_classes=40, batch=(2, 3), bias=False),
         Case("traced", "none", 1, num_classes=37, batch=()),
+        # 601 tokens: the derivative's scan takes them in two tiles of 301 rows (the second
+        # overlaps the first by one token), see _auto_rows.
+        Case("traced", "none", 8, num_classes=37, batch=(601,)),
+        Case("plain", "mean", 8, num_classes=37, batch=(601,), bias=False),
     ])
 
 
@@ -355,6 +359,30 @@ def test_forward_mode_matches_materialised(x64):
     chex.assert_trees_all_close(got["jacfwd_none"], got["jacrev_none"], **TOL[F64])
 
 
+def test_forward_mode_with_token_tiles(x64):
+    # jvp and forward-over-reverse Hessian-vector products when the derivative's scan splits
+    # the 601 tokens into two overlapping tiles.
+    x, w, b, labels = _data(batch=(601,), seed=6)
+    rng = np.random.default_rng(10)
+    tangents = tuple(jnp.asarray(rng.standard_normal(v.shape)) for v in (x, w, b))
+    opts = {"label_smoothing": 0.1, "z_loss": 0.01, "soft_cap": 4.0}
+
+    def ours(x, w, b):
+        return jaxlse.linear_cross_entropy(x, w, labels, bias=b, chunk_size=8, **opts)
+
+    def materialised(x, w, b):
+        return reference(x, w, b, labels, **opts)
+
+    def derivatives(f, x, w, b, tangents):
+        return (jax.jvp(f, (x, w, b), tangents),
+                jax.jvp(jax.grad(f, argnums=(0, 1, 2)), (x, w, b), tangents)[1])
+
+    got, expected = fast_jit(
+        lambda *a: (derivatives(ours, *a), derivatives(materialised, *a))
+    )(x, w, b, tangents)
+    chex.assert_trees_all_close(got, expected, **TOL[F64])
+
+
 def test_finite_differences_to_second_order(x64):
     # What check_grads(order=2, modes=("fwd", "rev")) checks, with jitted functions (its
     # unjitted derivatives take about ten compilations): the forward and reverse derivatives
@@ -453,16 +481,16 @@ def _vg_temp_bytes(n: int, d: int, v: int, dtype=F32, chunk=None) -> int:
 
 def test_memory_target_value_and_grad():
     # The target: at most 2 % of one float32 (N, V) logits array at N=2048, d=512,
-    # V=131072, not growing with V. Compiled only (the arrays would take 1.5 GiB).
+    # V=131072, and (with the default chunk size, which keeps a block below 1/128 of the
+    # logits) at V=32768 too. Compiled only (the arrays would take 1.5 GiB).
     n, d = 2048, 512
-    logits_bytes = n * 131072 * 4
-    big = _vg_temp_bytes(n, d, 131072)
-    assert big <= 0.02 * logits_bytes, big / logits_bytes
-    # No growth with V but the scan's index per chunk (512 classes at N=2048), which the
-    # backward scan keeps: 4 bytes a chunk.
-    assert big - _vg_temp_bytes(n, d, 32768) <= 4 * (131072 - 32768) // 512
-    # A vocabulary that chunks do not divide keeps the remainder's block as well.
-    assert _vg_temp_bytes(n, d, 131071) <= 0.02 * logits_bytes
+    for v in (131072, 32768, 131071):  # 131071: chunks that do not divide V
+        temp = _vg_temp_bytes(n, d, v)
+        assert temp <= 0.02 * n * v * 4, (v, temp / (n * v * 4))
+    # No growth with V once the block reaches its 4 MiB (chunk 512 at N=2048) but the scan's
+    # index per chunk, which the backward scan keeps: 4 bytes a chunk.
+    big, small = _vg_temp_bytes(n, d, 262144), _vg_temp_bytes(n, d, 131072)
+    assert big - small <= 4 * (262144 - 131072) // 512
 
 
 def test_saved_residuals_hold_no_logits_block(capsys):
@@ -539,13 +567,21 @@ def test_eager_calls_compile_once_per_shape():
 
 
 def test_auto_chunk_size():
-    from jaxlse._linear_ce import _auto_chunk
+    from jaxlse._linear_ce import _auto_chunk, _auto_rows
 
+    # A block of about 4 MiB, at most 1/128 of the logits.
     assert _auto_chunk(2048, 131072) == 512
+    assert _auto_chunk(2048, 32768) == 256
     assert _auto_chunk(8192, 131072) == 128
     assert _auto_chunk(16384, 131072) == 128
     assert _auto_chunk(7, 37) == 37
-    assert _auto_chunk(1, 200000) == 8192
+    assert _auto_chunk(1, 200000) == 1536
+    # Tokens are split in the derivative's tiles only where d is large against the chunk.
+    assert _auto_rows(2048, 32768, 512, 256) == 512
+    assert _auto_rows(2048, 131072, 512, 512) == 2048
+    assert _auto_rows(8192, 131072, 512, 128) == 8192
+    assert _auto_rows(601, 37, 5, 37) == 301  # at least 256 tokens a tile
+    assert _auto_rows(7, 37, 5, 37) == 7
 
 
 # --------------------------------------------------------------------------------------------
