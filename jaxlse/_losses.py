@@ -44,6 +44,7 @@ from ._rowstats import (
     shifted,
     take_last,
 )
+from ._sharding import AxisName, axis_size, class_offset, global_stats, local_pick, on_mesh
 
 Reduction = Literal["none", "sum", "mean"]
 _REDUCTIONS = ("none", "sum", "mean")
@@ -71,6 +72,12 @@ def _classes_last(v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     batch_axes = tuple(a for a in range(v.ndim) if a not in axes)
     v = v.transpose(batch_axes + axes)
     return v.reshape(v.shape[: len(batch_axes)] + (-1,))
+
+
+def _class_dims(args: dict, ndim: int) -> tuple[int, ...]:
+    """For :func:`on_mesh`: the class axes of a loss's scores."""
+    return tuple(a % ndim for a in ((args["axis"],) if isinstance(args["axis"], int)
+                                   else args["axis"]))
 
 
 def _check_reduction(fn: str, reduction: str) -> None:
@@ -113,6 +120,7 @@ def _prepare(
     ignore_index: int | None,
     where: ArrayLike | None,
     reduction: str,
+    shards: int = 1,
 ) -> tuple[jax.Array, jax.Array, bool, jax.Array | None, jax.Array, jnp.dtype]:
     """Checks and converts the arguments common to both losses.
 
@@ -121,6 +129,8 @@ def _prepare(
     in its own dtype, integer ``labels`` at least 32 bits wide (so that comparing them with
     ``num_classes`` or ``ignore_index`` cannot wrap around), and ``counted`` a boolean array
     of the batch shape: the examples that count (not ignored, not excluded by ``where``).
+    ``shards`` is the number of devices the classes are split over (``axis_name``): labels
+    are checked against ``shards`` times the classes of ``x``.
     """
     _check_reduction(fn, reduction)
     arr = as_float_array(fn, "logits" if fn == "cross_entropy" else "log_probs", x)
@@ -202,12 +212,13 @@ def _prepare(
             counted = counted & (lab != ignore_index)
     if not soft and _concrete(lab) and _concrete(counted):
         lab_np, counted_np = np.asarray(lab), np.asarray(counted)
-        bad = counted_np & ((lab_np < 0) | (lab_np >= num_classes))
+        total = num_classes * shards
+        bad = counted_np & ((lab_np < 0) | (lab_np >= total))
         if bad.any():
             pos = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(
                 f"{fn}: label {int(lab_np[pos])} at position {pos} is out of range for "
-                f"{num_classes} classes (expected 0 <= label < {num_classes}"
+                f"{total} classes (expected 0 <= label < {total}"
                 + (f" or label == ignore_index ({ignore_index})" if ignore_index is not None
                    else "")
                 + ")"
@@ -262,6 +273,7 @@ def _pick_jvp(primals, tangents):
     return _pick(lp, idx, bad), jnp.where(bad, 0.0, out_dot)
 
 
+@on_mesh(_class_dims)
 def nll_loss(
     log_probs: ArrayLike,
     labels: ArrayLike,
@@ -271,6 +283,7 @@ def nll_loss(
     ignore_index: int | None = None,
     reduction: Reduction = "mean",
     where: ArrayLike | None = None,
+    axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""Negative log-likelihood loss for log-probabilities, as in PyTorch.
 
@@ -298,6 +311,10 @@ def nll_loss(
         labels, and by the number of counted examples for soft labels. When no example counts,
         ``"mean"`` is 0 with zero gradient (PyTorch returns NaN).
       where: boolean mask of the batch shape; ``False`` examples are excluded like ignored ones.
+      axis_name: inside :func:`jax.shard_map`, the mesh axis (or tuple of axes) over which the
+        class axis is split (device ``i`` holds classes ``[i n, (i + 1) n)``): integer labels
+        are global class indices, ``weight`` and soft labels are the device's slices, and the
+        result is the loss of the whole rows, on every device.
 
     Returns:
       A float array: the per-example losses (batch shape) for ``"none"``, else a scalar. Its
@@ -324,17 +341,27 @@ def nll_loss(
       :func:`torch.nn.functional.nll_loss`, :func:`cross_entropy`.
     """
     fn = "nll_loss"
+    shards = 1 if axis_name is None else axis_size(axis_name)
     lp, lab, soft, w, counted, out_dtype = _prepare(
-        fn, log_probs, labels, axis, weight, ignore_index, where, reduction
+        fn, log_probs, labels, axis, weight, ignore_index, where, reduction, shards
     )
-    num_classes = lp.shape[-1]
+    num_classes = lp.shape[-1] * shards
     if soft:
         b = lab if w is None else lab * _row(w, lab.ndim)
         lp = lp.astype(out_dtype)
         # 0 * log 0 = 0, with derivative 0 in b there; elsewhere d/db = -log p.
         terms = -b * jnp.where((b == 0) & (lp == -jnp.inf), 0.0, lp)
         loss = jnp.sum(terms, axis=-1)
+        if axis_name is not None:
+            loss = lax.psum(loss, axis_name)
         denom = counted.astype(out_dtype)
+    elif axis_name is not None:
+        bad, idx = _label_index(lab, num_classes, counted)
+        picked = local_pick(lp.astype(out_dtype), idx, axis_name)[0]
+        picked = jnp.where(bad, nan_where(bad, out_dtype), picked)
+        wy = jnp.ones_like(picked) if w is None else _pick_across(w, idx, axis_name)
+        loss = -wy * picked
+        denom = jnp.where(counted, wy, 0.0)
     else:
         bad, idx = _label_index(lab, num_classes, counted)
         picked = _pick(lp, idx, bad).astype(out_dtype)
@@ -495,6 +522,90 @@ def _ce_loss(
     return jnp.where(counted, loss[..., 0], 0.0)
 
 
+# --------------------------------------------------------------------------------------------
+# axis_name: the classes split over the devices along a mesh axis (inside shard_map)
+
+
+def _pick_across(
+    vec: jax.Array, idx: jax.Array, axis_name: AxisName
+) -> jax.Array:
+    """``vec[idx]`` for global class indices ``idx`` and this device's slice ``vec`` of a
+    (num_classes,) vector: taken on the device that holds it, summed over ``axis_name``."""
+    n = vec.shape[0]
+    rel = idx - class_offset(axis_name, n).astype(idx.dtype)
+    inside = (rel >= 0) & (rel < n)
+    return lax.psum(jnp.where(inside, vec[jnp.where(inside, rel, 0)], 0.0), axis_name)
+
+
+def _ce_across(
+    axis_name: AxisName,
+    soft: bool,
+    smoothing: bool,
+    x: jax.Array,
+    labels: jax.Array,
+    weight: jax.Array | None,
+    eps: jax.Array,
+    zeta: jax.Array,
+    counted: jax.Array,
+) -> jax.Array:
+    """Per-example cross-entropy (batch shape) of logits whose classes (last axis) are split
+    over the devices along ``axis_name``: ``_ce_loss``'s formulas, with the row statistics of
+    :func:`global_stats` and every sum over the classes completed by a ``psum``. Labels are
+    global class indices; ``weight`` (and soft ``labels``) are this device's slices.
+    Derivatives come from :func:`global_stats`' rule and JAX's own of the rest."""
+    cd = eps.dtype
+    axes = (x.ndim - 1,)
+    num_classes = x.shape[-1] * axis_size(axis_name)
+    # Examples that do not count read zeros, so that nothing of theirs (inf, NaN) reaches a
+    # derivative through the statistics.
+    x = jnp.where(counted[..., None], x.astype(cd), 0.0)
+    m, log_sum, inv = global_stats(axes, axis_name, x, None)
+    big = jnp.finfo(cd).max
+    lse = jnp.minimum(m, big) + log_sum + jnp.where(m == jnp.inf, jnp.inf, 0.0)
+    neg_z = -shifted(x, m)
+
+    def weighted_neg_z(tw: jax.Array) -> jax.Array:
+        if tw.ndim == 0:  # summed first, then scaled, as on one device
+            return tw * lax.psum(jnp.sum(neg_z, axis=-1, keepdims=True), axis_name)
+        term = jnp.where((tw == 0) & (neg_z == jnp.inf), 0.0, tw * neg_z)
+        return lax.psum(jnp.sum(term, axis=-1, keepdims=True), axis_name)
+
+    if soft:
+        q = labels * (1 - eps) + eps / num_classes
+        tw = q if weight is None else q * _row(weight, q.ndim)
+        tw_total = lax.psum(jnp.sum(tw, axis=-1, keepdims=True), axis_name)
+        loss = tw_total * log_sum + weighted_neg_z(tw)
+        scale = jnp.asarray(1, cd)
+        bad = None
+    else:
+        bad, idx = _label_index(labels, num_classes, counted)
+        x_y, _ = local_pick(x, idx, axis_name)
+        bad, x_y = bad[..., None], x_y[..., None]
+        wy = jnp.asarray(1, cd) if weight is None else _pick_across(weight, idx, axis_name)[
+            ..., None
+        ]
+        # -log p_y = L - z_y; +inf (added, so that the derivative stays finite) for a label
+        # off the +inf entries of a row holding +inf.
+        z_y = shifted(x_y, m)
+        off = jnp.where((m == jnp.inf) & (z_y < 0), jnp.inf, 0.0)
+        loss = (1 - eps) * wy * (log_sum - z_y + off)
+        if smoothing:
+            if weight is None:
+                sw, sw_total = eps / num_classes, eps
+            else:
+                sw = jnp.broadcast_to(_row(eps / num_classes * weight, x.ndim), x.shape)
+                sw_total = lax.psum(jnp.sum(eps / num_classes * weight), axis_name)
+            loss = loss + sw_total * log_sum + weighted_neg_z(sw)
+        scale = wy
+    # lse is selected away (not multiplied by 0) without z-loss, in the value and in its
+    # derivative: lse**2 overflows for logits near 1e20, and 2 lse * 0 is NaN at lse = inf.
+    on = zeta > 0
+    loss = loss + jnp.where(on, zeta * scale * jnp.square(jnp.where(on, lse, 0.0)), 0.0)
+    if bad is not None:
+        loss = jnp.where(bad, nan_where(bad, loss.dtype), loss)
+    return jnp.where(counted, loss[..., 0], 0.0)
+
+
 def _is_zero(t: object) -> bool:
     """Whether a tangent is symbolically zero (or absent, for a ``None`` argument)."""
     return t is None or isinstance(t, SymbolicZero)
@@ -629,6 +740,7 @@ def _ce_x_jvp(
     return (out, (jnp.sum(g * others, axis=-1) + label_dot).astype(out.dtype), *stats)
 
 
+@on_mesh(_class_dims)
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -641,6 +753,7 @@ def cross_entropy(
     soft_cap: float | None = None,
     reduction: Reduction = "mean",
     where: ArrayLike | None = None,
+    axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy with PyTorch's options, z-loss and soft-capping; exact at any scale.
 
@@ -690,6 +803,11 @@ def cross_entropy(
         and by the number of counted examples for soft labels. When no example counts,
         ``"mean"`` gives 0 with zero gradient, where PyTorch gives NaN.
       where: boolean mask of the batch shape; ``False`` examples are excluded like ignored ones.
+      axis_name: inside :func:`jax.shard_map`, the mesh axis (or tuple of axes) over which the
+        class axis is split (device ``i`` holds classes ``[i n, (i + 1) n)``): integer labels
+        are global class indices, ``weight`` and soft labels are the device's slices, and the
+        result is the loss of the whole rows, on every device. Only per-example statistics
+        cross devices. Exact as on one device, except that a subnormal loss comes out 0.
 
     Returns:
       The per-example losses (batch shape) for ``"none"``, else a scalar; float32 for float16,
@@ -738,8 +856,9 @@ def cross_entropy(
             raise ValueError(
                 f"{fn}: `soft_cap` must be a positive scalar or None, got {soft_cap!r}"
             )
+    shards = 1 if axis_name is None else axis_size(axis_name)
     x, lab, soft, w, counted, out_dtype = _prepare(
-        fn, logits, labels, axis, weight, ignore_index, where, reduction
+        fn, logits, labels, axis, weight, ignore_index, where, reduction, shards
     )
     if soft_cap is not None:
         cap = jnp.asarray(soft_cap, out_dtype)
@@ -748,12 +867,18 @@ def cross_entropy(
     zeta = jnp.asarray(z_loss, out_dtype)
     counted = jnp.broadcast_to(counted, x.shape[:-1])
     smoothing = not (_concrete(label_smoothing) and float(np.asarray(label_smoothing)) == 0.0)
-    loss = jit_core(_ce_core, 2)(soft, smoothing, x, lab, w, eps, zeta, counted)
+    if axis_name is not None:
+        loss = _ce_across(axis_name, soft, smoothing, x, lab, w, eps, zeta, counted)
+    else:
+        loss = jit_core(_ce_core, 2)(soft, smoothing, x, lab, w, eps, zeta, counted)
     every = where is None and (soft or ignore_index is None)
     if every and (soft or w is None):
         denom: jax.Array | int = math.prod(x.shape[:-1])  # every example counts, weight 1
     elif soft or w is None:
         denom = counted.astype(out_dtype)
+    elif axis_name is not None:
+        idx = _label_index(lab, x.shape[-1] * shards)[1]
+        denom = jnp.where(counted, _pick_across(w, idx, axis_name), 0.0)
     else:
         denom = jnp.where(counted, w[_label_index(lab, x.shape[-1])[1]], 0.0)
     return _reduce_loss(loss, denom, reduction).astype(out_dtype)

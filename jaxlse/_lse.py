@@ -51,10 +51,16 @@ from ._rowstats import (
     shifted,
     sum_exp,
 )
+from ._sharding import AxisName, global_stats, on_mesh
 
 
 def _normalize(
-    fn: str, core: Callable[..., jax.Array], x: ArrayLike, axis: Axis, where: ArrayLike | None
+    fn: str,
+    core: Callable[..., jax.Array],
+    x: ArrayLike,
+    axis: Axis,
+    where: ArrayLike | None,
+    axis_name: AxisName | None = None,
 ) -> jax.Array:
     """The shared body of log_softmax and softmax: checks, the jitted core, the output dtype."""
     arr = as_float_array(fn, "x", x)
@@ -62,7 +68,36 @@ def _normalize(
     arr = broadcast_input(fn, arr, where=where)
     mask = as_mask(fn, where, arr.shape)
     axes = normalize_axes(fn, axis, arr.ndim)
+    if axis_name is not None:
+        return _normalize_across(fn, axes, axis_name, arr, mask).astype(arr.dtype)
     return jit_core(core)(axes, arr, mask).astype(arr.dtype)
+
+
+def _normalize_across(
+    fn: str,
+    axes: tuple[int, ...],
+    axis_name: AxisName,
+    x: jax.Array,
+    mask: jax.Array | None,
+) -> jax.Array:
+    """log_softmax or softmax of rows split over the devices along ``axis_name``.
+
+    From :func:`global_stats` (whose rule gives the derivatives): ``z - L``, with ``-inf``
+    off the ``+inf`` entries of a row holding ``+inf``, or ``exp(z) / S``.
+    """
+    m, log_sum, inv = global_stats(axes, axis_name, x, mask)
+    z = shifted(x, m, mask)
+    if fn == "softmax":
+        return jnp.exp(z) * inv
+    # -inf (added, so that the derivative stays x_dot - L_dot as on one device) off the +inf
+    # entries of a row holding +inf; -inf with zero derivative in a row with no entry.
+    out = z - log_sum + jnp.where((m == jnp.inf) & (z < 0), -jnp.inf, 0.0)
+    return jnp.where(inv == 0, -jnp.inf, out)
+
+
+def _dims(fn: str) -> Callable[[dict, int], tuple[int, ...]]:
+    """For :func:`on_mesh`: the reduced axes of ``fn``'s first argument."""
+    return lambda args, ndim: normalize_axes(fn, args["axis"], ndim)
 
 
 def _masked(v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -135,6 +170,21 @@ def _lse_from(stats: RowStats) -> tuple[jax.Array, jax.Array]:
     out = -patch_tiny(-out, m == 0, stats.t_tiny)
     # -inf for a row with no entry above -inf (whose L is 0); its sign is 0, NaN's is NaN.
     out = jnp.where(stats.live, out, -jnp.inf)
+    sign = jnp.where(jnp.isnan(out), out, (out > -jnp.inf).astype(cd))
+    return out, sign
+
+
+def _lse_across(
+    axes: tuple[int, ...], axis_name: AxisName, x: jax.Array, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """``(logsumexp, sign)`` of rows split over the devices along ``axis_name`` (see
+    :func:`global_stats`, whose rule gives the derivatives), reduced axes kept."""
+    m, log_sum, inv = global_stats(axes, axis_name, x, mask)
+    cd = log_sum.dtype
+    out = jnp.minimum(m.astype(cd), jnp.finfo(cd).max) + log_sum
+    # +inf added (not selected), so that the derivative of a +inf row flows as on one device.
+    out = out + jnp.where(m == jnp.inf, jnp.inf, 0.0)
+    out = jnp.where(inv == 0, -jnp.inf, out)
     sign = jnp.where(jnp.isnan(out), out, (out > -jnp.inf).astype(cd))
     return out, sign
 
@@ -226,6 +276,7 @@ def logsumexp(
 ) -> tuple[jax.Array, jax.Array]: ...
 
 
+@on_mesh(_dims("logsumexp"))
 def logsumexp(
     a: ArrayLike,
     axis: Axis = None,
@@ -233,6 +284,8 @@ def logsumexp(
     keepdims: bool = False,
     return_sign: bool = False,
     where: ArrayLike | None = None,
+    *,
+    axis_name: AxisName | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Log-sum-exp reduction, stable at every magnitude, with a custom JVP rule.
 
@@ -255,6 +308,10 @@ def logsumexp(
       return_sign: also return the sign of the sum. Without it, a negative sum gives NaN.
       where: boolean mask that broadcasts with ``a``, like ``b``; excluded entries take no
         part in the value or any derivative, even if they hold ``inf`` or NaN.
+      axis_name: inside :func:`jax.shard_map`, the mesh axis (or tuple of axes) over which the
+        reduced axes are split: each device holds a slice of every row, and the result is that
+        of the whole rows, on every device (only per-row statistics cross devices). ``b`` is
+        not supported with it.
 
     Returns:
       The reduction, of ``a``'s shape without (or with size-1, if ``keepdims``) the reduced
@@ -268,8 +325,8 @@ def logsumexp(
 
     Raises:
       TypeError: if ``a`` or ``b`` is not a real numeric array, or ``axis`` is not an integer.
-      ValueError: if ``axis`` is out of range or repeated, or ``b`` or ``where`` does not
-        broadcast with ``a``.
+      ValueError: if ``axis`` is out of range or repeated, ``b`` or ``where`` does not
+        broadcast with ``a``, or ``b`` is given with ``axis_name``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -283,6 +340,8 @@ def logsumexp(
       :func:`jax.nn.logsumexp`, :func:`scipy.special.logsumexp`, :func:`torch.logsumexp`.
     """
     fn = "logsumexp"
+    if axis_name is not None and b is not None:
+        raise ValueError(f"{fn}: `b` is not supported with `axis_name`")
     x = as_float_array(fn, "a", a)
     b_arr = None if b is None else as_float_array(fn, "b", b)
     where = as_mask(fn, where, None)
@@ -297,7 +356,10 @@ def logsumexp(
         out_dtype = x.dtype
     mask = as_mask(fn, where, x.shape)
     axes = normalize_axes(fn, axis, x.ndim)
-    out, sign = jit_core(_logsumexp_core)(axes, x, mask, b_arr)
+    if axis_name is not None:
+        out, sign = _lse_across(axes, axis_name, x, mask)
+    else:
+        out, sign = jit_core(_logsumexp_core)(axes, x, mask, b_arr)
     if not keepdims:
         out, sign = jnp.squeeze(out, axes), jnp.squeeze(sign, axes)
     if b_arr is not None and not return_sign:
@@ -425,7 +487,14 @@ def _log_softmax_jvp(axes, primals, tangents):
     return out.astype(x.dtype), _masked(out_dot, mask).astype(x.dtype)
 
 
-def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:
+@on_mesh(_dims("log_softmax"))
+def log_softmax(
+    x: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    axis_name: AxisName | None = None,
+) -> jax.Array:
     r"""Log-softmax, accurate for small and large results, with a custom JVP rule.
 
     .. math::
@@ -447,6 +516,9 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
       where: boolean mask that broadcasts with ``x`` (a larger one gives a result of the
         common shape, as in jax.nn). Excluded entries give ``-inf`` and take
         no part in the value or any derivative of the others.
+      axis_name: inside :func:`jax.shard_map`, the mesh axis (or tuple of axes) over which
+        ``axis`` is split: each device holds a slice of every row and gets its slice of the
+        result for the whole rows (only per-row statistics cross devices).
 
     Returns:
       An array of ``x``'s shape and (promoted) dtype. A row with no included entry, or whose
@@ -469,7 +541,7 @@ def log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -
     See also:
       :func:`jax.nn.log_softmax`, :func:`torch.nn.functional.log_softmax`, :func:`softmax`.
     """
-    return _normalize("log_softmax", _log_softmax_core, x, axis, where)
+    return _normalize("log_softmax", _log_softmax_core, x, axis, where, axis_name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +599,14 @@ def _softmax_clip_first(
     return _softmax_core(axes, True, x, mask)
 
 
-def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> jax.Array:
+@on_mesh(_dims("softmax"))
+def softmax(
+    x: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    axis_name: AxisName | None = None,
+) -> jax.Array:
     r"""Softmax, stable at every magnitude, with a custom JVP rule.
 
     .. math::
@@ -551,6 +630,9 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
       where: boolean mask that broadcasts with ``x`` (a larger one gives a result of the
         common shape, as in jax.nn). Excluded entries give 0 and take no part
         in the value or any derivative.
+      axis_name: inside :func:`jax.shard_map`, the mesh axis (or tuple of axes) over which
+        ``axis`` is split: each device holds a slice of every row and gets its slice of the
+        result for the whole rows (only per-row statistics cross devices).
 
     Returns:
       An array of ``x``'s shape and (promoted) dtype that sums to 1 along ``axis``, except for a
@@ -573,4 +655,4 @@ def softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = None) -> ja
     See also:
       :func:`jax.nn.softmax`, :func:`torch.nn.functional.softmax`, :func:`log_softmax`.
     """
-    return _normalize("softmax", _softmax_clip_first, x, axis, where)
+    return _normalize("softmax", _softmax_clip_first, x, axis, where, axis_name)

@@ -442,9 +442,21 @@ def _few_budget(axes: tuple[int, ...], args: tuple[jax.Array, ...]) -> int:
     x = args[0]
     ndim, nred = x.ndim, len(axes)
     rows = math.prod(x.shape[: ndim - nred])
-    if len(args) != 2 or axes != tuple(range(ndim - nred, ndim)):
+    if len(args) != 2 or axes != tuple(range(ndim - nred, ndim)) or _several_devices():
         return 0
     return rows // _FEW_FRACTION
+
+
+def _several_devices() -> bool:
+    """Whether the program may be partitioned over several devices (then every row is read).
+
+    The loop over the few rows that need the exact pass reads them by a global row index,
+    which the partitioner can only serve by gathering the rows of a batch-sharded ``x`` onto
+    every device (an (N, V / devices) all-gather, measured on a 2 x 4 mesh). Whether ``x``
+    is sharded is not known when the function is traced, so the loop is kept for processes
+    with a single device.
+    """
+    return jax.device_count() > 1
 
 
 def _sum_below(
