@@ -41,3 +41,6 @@ def x64() -> Iterator[None]:
     """Runs the test with ``jax_enable_x64`` on (float64 arrays and a float64 default dtype)."""
     with jax.enable_x64(True):
         yield
+
+# tests/multidevice runs in a subprocess with 8 CPU devices (tests/test_sharding.py).
+collect_ignore = ["multidevice"]
