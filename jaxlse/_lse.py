@@ -92,7 +92,9 @@ def _normalize_across(
     # -inf (added, so that the derivative stays x_dot - L_dot as on one device) off the +inf
     # entries of a row holding +inf; -inf with zero derivative in a row with no entry.
     out = z - log_sum + jnp.where((m == jnp.inf) & (z < 0), -jnp.inf, 0.0)
-    return jnp.where(inv == 0, -jnp.inf, out)
+    out = jnp.where(inv == 0, -jnp.inf, out)
+    # Excluded entries: selected, so that nothing reaches their derivative or comes from it.
+    return out if mask is None else jnp.where(mask, out, -jnp.inf)
 
 
 def _dims(fn: str) -> Callable[[dict, int], tuple[int, ...]]:

@@ -226,6 +226,10 @@ def _global_stats_jvp(axes, axis_name, primals, tangents):
     cd = log_sum.dtype
     # Excluded entries (and, through p = 0, entries of rows with no entry) add nothing, even
     # where the tangent is inf or NaN.
-    contrib = jnp.where(p == 0, 0.0, p * x_dot.astype(cd))
+    # Entries with p = 0 (excluded ones, whose p is NaN in a row holding NaN, included) are
+    # selected away on both sides of the product, so that neither mode multiplies by a NaN
+    # or an inf there.
+    keep = p != 0 if mask is None else mask & (p != 0)
+    contrib = jnp.where(keep, jnp.where(keep, p, 0.0) * x_dot.astype(cd), 0.0)
     l_dot = psum_rows(contrib, axes, axis_name)
     return (m, log_sum, inv), (jnp.zeros_like(m), l_dot, -inv * l_dot)

@@ -472,15 +472,15 @@ def _smap_programs(
     return jax.jit(sharded), jax.jit(reference)
 
 
-# Where the sharded derivatives disagree with the single-device ones (see the xfail tests):
-# (case, mode) -> the rows of the edge inputs that disagree ("*": every row).
+# Where the single-device derivatives are not finite (NaN, or a huge value) on the +inf rows of
+# the edge inputs and the sharded ones are clean: (case, mode) -> the rows. The second
+# derivatives of a +inf row (row 6: +inf on two devices; row 2: +inf at the label) and the
+# derivatives of a z-loss whose value is +inf (rows 2, 5 and 6).
+# Checked by test_shard_map_axis_name_cleaner_than_one_device.
 KNOWN = {
-    **{("log_softmax_where", m): "*" for m in MODES if m != "value"},
-    ("log_softmax_where", "value"): {3},
+    **{("log_softmax_where", m): {6} for m in ("hvp", "hvp_inside")},
     **{(c, m): {2} for c in ("ce_weight_mean", "ce_smoothing_weight_sum")
        for m in ("hvp", "hvp_inside")},
-    **{(c, m): {3} for c in ("logsumexp_where", "softmax_where")
-       for m in ("grad", "hvp", "grad_inside", "hvp_inside")},
     **{("ce_z_loss_none", m): {2, 5, 6} for m in MODES if m != "value"},
 }
 
@@ -537,11 +537,31 @@ def test_shard_map_axis_name(dtype: Any) -> None:
     cases.assert_all_passed(len(SMAP_CASES) * len(next(iter(got.values()))))
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN: sharded derivatives disagree with one device")
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
-def test_shard_map_axis_name_known_disagreements(dtype: Any) -> None:
+def test_shard_map_axis_name_cleaner_than_one_device(dtype: Any) -> None:
+    """On the KNOWN rows the sharded derivatives have no NaN, and no more infinite entries
+    than the single-device ones (which are not finite there)."""
     got, want = _smap_results(dtype)
-    _compare_smap(got, want, dtype, known=True).assert_all_passed()
+    cases = Cases()
+    checked = 0
+    for (name, mode), rows in KNOWN.items():
+        if mode not in got[name]:
+            continue
+        checked += 1
+        with cases.case(f"{name}:{mode}"):
+            g = _rows(np.asarray(jax.tree.leaves(got[name][mode])[0]), rows, True)
+            w = _rows(np.asarray(jax.tree.leaves(want[name][mode])[0]), rows, True)
+            assert not np.isfinite(w).all() or np.abs(w).max() > 1e30, "one device is clean"
+            if name.startswith("ce_z_loss"):
+                # The loss itself is +inf on these rows (on one device and sharded): its
+                # derivatives are not compared, the values are.
+                for res in (got, want):
+                    value = _rows(np.asarray(res[name]["value"]), rows, True)
+                    assert np.isposinf(value).all(), value
+                continue
+            assert (~np.isfinite(g)).sum() <= (~np.isfinite(w)).sum(), g
+            assert not np.isnan(g).any(), g
+    cases.assert_all_passed(checked)
 
 
 def test_shard_map_axis_name_tuple() -> None:
