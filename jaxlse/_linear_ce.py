@@ -50,7 +50,15 @@ from jax.typing import ArrayLike
 # The jaxlse internals this module uses, all here (argument checks and reductions are those of
 # cross_entropy, so that options, dtypes and error messages agree).
 from ._checks import as_float_array, compute_dtype, nan_where, promoted_float
-from ._losses import Reduction, _concrete, _label_index, _prepare, _reduce_loss
+from ._losses import (
+    Reduction,
+    _concrete,
+    _label_index,
+    _pick_across,
+    _prepare,
+    _reduce_loss,
+)
+from ._sharding import AxisName, axis_size, class_offset, combine, on_mesh
 
 _FN = "linear_cross_entropy"
 
@@ -182,6 +190,35 @@ def _over_tiles(step, carry, num_tokens: int, rows: int, num_classes: int, chunk
     return carry
 
 
+def _vma(v: object) -> frozenset:
+    """The mesh axes that ``v`` varies over inside :func:`jax.shard_map` (empty elsewhere):
+    ``aval.vma`` in some jax releases, ``aval.manual_axis_type.varying`` in others."""
+    aval = jax.typeof(v)
+    if hasattr(aval, "vma"):
+        return frozenset(aval.vma)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(getattr(mat, "varying", ()))
+
+
+def _varying(tree: object, *refs: object) -> object:
+    """``tree`` (a scan's initial carry) varying over every mesh axis that one of ``refs``
+    varies over inside :func:`jax.shard_map` (a scan's carry must keep its type, and the body
+    mixes x's axes with w's); unchanged elsewhere."""
+    axes: list[object] = []
+    for r in jax.tree.leaves(refs):
+        for a in _vma(r):
+            if a not in axes:
+                axes.append(a)
+    if not axes:
+        return tree
+
+    def cast(c: jax.Array) -> jax.Array:
+        missing = tuple(a for a in axes if a not in _vma(c))
+        return lax.pcast(c, missing, to="varying") if missing else c
+
+    return jax.tree.map(cast, tree)
+
+
 def _stats_pass(
     static: _Static,
     x: jax.Array,
@@ -241,6 +278,7 @@ def _stats_pass(
 
     zeros = jnp.zeros((n,), cd)
     carry = (jnp.full((n,), -big, cd), zeros, zeros, zeros, zeros, jnp.zeros((), cd))
+    carry = _varying(carry, x, w, b, idx, sw, cap)
     m, t, k, l_y, r, _ = _over_tiles(step, carry, n, n, w.shape[1], size)
     # k max entries and t below them: L = log(k + t) = log1p(t + k - 1); 0 in a row whose
     # entries are all -inf (k = 0, as in cross_entropy).
@@ -359,9 +397,8 @@ def _row_stats_jvp(static, primals, tangents):
         )
 
     zeros = jnp.zeros((n,), cd)
-    dl, dy, dr = _over_tiles(
-        step, (zeros, zeros, zeros), n, rows, w.shape[1], size, checkpoint=True
-    )
+    init = _varying((zeros, zeros, zeros), primals, [t for t in tangents if not _is_zero(t)])
+    dl, dy, dr = _over_tiles(step, init, n, rows, w.shape[1], size, checkpoint=True)
     return out, (jnp.zeros_like(m), dl, dy, dr, jnp.zeros_like(s))
 
 
@@ -416,6 +453,58 @@ def _token_losses(
 _token_losses_jit = jax.jit(_token_losses, static_argnums=(0, 1, 2))
 
 
+def _token_losses_across(
+    static: _Static,
+    smoothing: bool,
+    every: bool,
+    axis_name: AxisName,
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None,
+    labels: jax.Array,
+    weight: jax.Array | None,
+    eps: jax.Array,
+    zeta: jax.Array,
+    cap: jax.Array | None,
+    counted: jax.Array,
+) -> jax.Array:
+    """:func:`_token_losses` with the classes (columns of ``w``, and ``b``, ``weight``) split
+    over the devices along ``axis_name``; ``labels`` are global class indices.
+
+    Each device runs :func:`_row_stats` over its own columns (its label index is relative to
+    its first class, out of its range where another device holds the label); the per-token
+    statistics are joined by :func:`combine` (max, ``L``), and the label's logit and the
+    smoothing sum by ``psum``: a few numbers per token cross devices. Derivatives come from
+    :func:`_row_stats`' rule on each device and JAX's own of the joins.
+    """
+    cd = eps.dtype
+    local = w.shape[1]
+    num_classes = local * axis_size(axis_name)
+    if not every:
+        x = jnp.where(counted[:, None], x, jnp.zeros((), x.dtype))
+    bad, idx = _label_index(labels, num_classes, counted)
+    rel = idx - class_offset(axis_name, local).astype(idx.dtype)
+    sw = None
+    if smoothing:
+        sw = eps / num_classes if weight is None else eps / num_classes * weight
+    m_d, log_sum_d, l_y_d, r_d, s_d = _row_stats(static, x, w, b, rel, sw, cap)
+    m, log_sum, _, _ = combine(axis_name, m_d, log_sum_d, s_d > 0)
+    l_y = lax.psum(l_y_d, axis_name)  # 0 on the devices that do not hold the label
+    wy = jnp.asarray(1, cd) if weight is None else _pick_across(weight, idx, axis_name)
+    loss = (1 - eps) * wy * (log_sum - (l_y - m))
+    if smoothing:
+        # r_d = sum over this device's classes of sw_v (m_d - l_v), moved to the global max.
+        seen = sw * local if weight is None else jnp.sum(sw)
+        sw_total = eps if weight is None else lax.psum(jnp.sum(sw), axis_name)
+        r = lax.psum(r_d + (m - lax.stop_gradient(m_d)) * seen, axis_name)
+        loss = loss + sw_total * log_sum + r
+    lse = m + log_sum
+    on = zeta > 0
+    loss = loss + jnp.where(on, zeta * wy * jnp.square(jnp.where(on, lse, 0.0)), 0.0)
+    loss = jnp.where(bad, nan_where(bad, cd), loss)
+    return jnp.where(counted, loss, 0.0)
+
+
 def _prepared_labels(
     arrays: tuple[object, ...],
     batch: tuple[int, ...],
@@ -426,6 +515,7 @@ def _prepared_labels(
     ignore_index: int | None,
     where: ArrayLike | None,
     reduction: str,
+    shards: int = 1,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """``(labels, weight, counted)`` from cross_entropy's ``_prepare``, without logits.
 
@@ -444,29 +534,30 @@ def _prepared_labels(
         def trace(proxy: jax.Array) -> None:
             with jax.ensure_compile_time_eval():
                 found.append(_prepare(
-                    _FN, proxy, labels, -1, weight, ignore_index, where, reduction
+                    _FN, proxy, labels, -1, weight, ignore_index, where, reduction, shards
                 ))
 
         jax.eval_shape(trace, jax.ShapeDtypeStruct(shape, dtype))
         _, lab, _, wt, counted, _ = found[0]
         return lab, wt, counted
-    return _prepare_traced(shape, jnp.dtype(dtype), ignore_index, reduction)(
+    return _prepare_traced(shape, jnp.dtype(dtype), ignore_index, reduction, shards)(
         labels, weight, where
     )
 
 
 @functools.cache
-def _prepare_traced(shape, dtype, ignore_index, reduction):
+def _prepare_traced(shape, dtype, ignore_index, reduction, shards):
     def prepare(labels, weight, where):
         proxy = jnp.zeros(shape, dtype)
         _, lab, _, wt, counted, _ = _prepare(
-            _FN, proxy, labels, -1, weight, ignore_index, where, reduction
+            _FN, proxy, labels, -1, weight, ignore_index, where, reduction, shards
         )
         return lab, wt, counted
 
     return jax.jit(prepare)
 
 
+@on_mesh(lambda args, ndim: (ndim - 1,))
 def linear_cross_entropy(
     x: ArrayLike,
     w: ArrayLike,
@@ -481,6 +572,7 @@ def linear_cross_entropy(
     reduction: Reduction = "mean",
     where: ArrayLike | None = None,
     chunk_size: int | None = None,
+    axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""Cross-entropy of the logits ``x @ w + bias`` without ever forming them (an LM head's loss).
 
@@ -536,6 +628,11 @@ def linear_cross_entropy(
         between 128 and 8192 and at most ``V``: for 2048 tokens 256 at V=32768 and 512 from
         V=65536 on, 128 from 8192 tokens on. (The derivatives also split the tokens into
         tiles of at least 256 when d is large against the chunk, to the same end.)
+      axis_name: inside :func:`jax.shard_map`, the mesh axis (or tuple of axes) over which the
+        vocabulary is split (Megatron's vocab-parallel head): ``w``, ``bias`` and ``weight``
+        are the device's slices (device ``i`` holds classes ``[i V_d, (i + 1) V_d)``), labels
+        are global class indices, and every device gets the loss of the whole vocabulary.
+        Only per-token statistics cross devices; the chunk size applies to each slice.
 
     Returns:
       The per-token losses (shape ``x.shape[:-1]``) for ``"none"``, else a scalar; float32 for
@@ -626,9 +723,10 @@ def linear_cross_entropy(
         )
     dtype = promoted_float(*(a for a in (xa, wa, ba) if a is not None))
     batch = xa.shape[:-1]
+    shards = 1 if axis_name is None else axis_size(axis_name)
     lab, wt, counted = _prepared_labels(
         (xa, wa, ba, labels, weight, where),
-        batch, num_classes, dtype, labels, weight, ignore_index, where, reduction,
+        batch, num_classes, dtype, labels, weight, ignore_index, where, reduction, shards,
     )
     out_dtype = compute_dtype(dtype)
     num_tokens = math.prod(batch)
@@ -644,10 +742,11 @@ def linear_cross_entropy(
     rows = _auto_rows(num_tokens, num_classes, xa.shape[-1], chunk)
     static = _Static(chunk, rows, weight is None)
     every = where is None and ignore_index is None
-    loss = _token_losses_jit(
-        static,
-        smoothing,
-        every,
+    if axis_name is None:
+        token_losses = partial(_token_losses_jit, static, smoothing, every)
+    else:
+        token_losses = partial(_token_losses_across, static, smoothing, every, axis_name)
+    loss = token_losses(
         xa.astype(dtype).reshape(num_tokens, xa.shape[-1]),
         wa.astype(dtype),
         None if ba is None else ba.astype(dtype),
@@ -663,7 +762,8 @@ def linear_cross_entropy(
     elif wt is None:
         denom = counted.reshape(num_tokens).astype(out_dtype)
     else:
-        denom = jnp.where(counted.reshape(num_tokens), wt[_label_index(lab, num_classes)[1]]
-                          .reshape(num_tokens), 0.0)
+        idx = _label_index(lab, num_classes * shards)[1].reshape(num_tokens)
+        wy = wt[idx] if axis_name is None else _pick_across(wt, idx, axis_name)
+        denom = jnp.where(counted.reshape(num_tokens), wy, 0.0)
     out = _reduce_loss(loss, denom, reduction).astype(out_dtype)
     return out.reshape(batch) if reduction == "none" else out
