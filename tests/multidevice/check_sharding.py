@@ -18,8 +18,7 @@ for 8 devices); by hand:
 Every reference is jaxlse on one device, in this process; one test compares with optax/jax.nn.
 The cases of a configuration share one compiled function (``Cases`` names each failure).
 
-``linear_cross_entropy`` is not covered yet (it is being changed): see the marked section at
-the end.
+``linear_cross_entropy`` is checked in ``check_linear_ce.py``.
 """
 
 from __future__ import annotations
@@ -597,11 +596,3 @@ def test_shard_map_dominated_row_keeps_relative_accuracy() -> None:
     assert_close(got["logsumexp"]["value"][4], exact, 1e-5, 0.0, "logsumexp")
     assert_close(got["log_softmax"]["value"][4, 13], -exact, 1e-5, 0.0, "log_softmax")
     assert_close(got["nll_weight_where_none"]["value"][4], w13 * exact, 1e-5, 0.0, "nll")
-
-
-# --------------------------------------------------------------------------------------------
-# linear_cross_entropy: NOT covered yet (another engineer is changing it). Points 1-3 for it
-# belong here: w sharded over the vocabulary under jit on both mesh kinds (values, gradients,
-# output shardings), the HLO check of its value, gradient and JVP programs, and axis_name=
-# inside shard_map (inside and outside derivatives, the edge rows), against the single-device
-# linear_cross_entropy and cross_entropy(x @ w, ...).
