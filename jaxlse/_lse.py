@@ -478,7 +478,10 @@ def _log_softmax_jvp(axes, primals, tangents):
         y = e * inv
     else:
         xb, mb, ib = own_read((x, m, inv))
-        y = jnp.exp(_log_softmax_from(xb, lax.stop_gradient(mb), 0.0, None)) * ib
+        # exp(z) with z = x - m, not the -inf-scaled log-softmax form: exp(z) is already 0
+        # off the +inf entries of a +inf row (z <= -2e31 there), and the scaling's factor
+        # 1 + big would reach the +inf entries' second derivatives (1e38 in an HVP).
+        y = jnp.exp(shifted(xb, lax.stop_gradient(mb))) * ib
     if mask is not None:
         out = jnp.where(mask, out, -jnp.inf)
         y = jnp.where(mask, y, 0.0)

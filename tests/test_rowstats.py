@@ -234,3 +234,27 @@ def test_cross_entropy_gradient_at_the_label_is_exact(option):
     # every entry within 4 ulp of the row's largest entry
     scale = np.abs(ref).max(-1, keepdims=True)
     np.testing.assert_array_less(ulp_error(grad, ref, scale=scale), 4.0)
+
+
+def test_log_softmax_second_derivatives_of_a_row_holding_inf_with_a_mask() -> None:
+    """A row holding +inf (twice) keeps finite second derivatives with ``where`` as without:
+    the masked rule rebuilt softmax from the -inf-scaled log-softmax form, whose factor
+    1 + big reached the +inf entries' Hessian-vector product (1e38 and inf)."""
+    x = jnp.array([0.5, 1.0, jnp.inf, 2.0, -1.0, jnp.inf, 0.3, 0.1])
+    mask = jnp.array([True, False, True, True, True, True, False, True])
+    ct = jnp.array([1.0, -0.5, 0.7, 1.2, -1.1, 0.9, 0.6, -0.8])
+    t = jnp.array([0.3, 0.2, -0.4, 0.5, 0.9, -1.3, 0.1, 0.6])
+    at_inf = jnp.isinf(x)
+
+    def hvp(where):
+        def f(v):
+            out = jaxlse.log_softmax(v, where=where)
+            return jnp.sum(jnp.where(at_inf, out, 0.0) * ct)
+
+        return jax.jit(lambda v: jax.jvp(jax.grad(f), (v,), (t,))[1])(x)
+
+    plain, masked = np.asarray(hvp(None)), np.asarray(hvp(mask))
+    assert np.isfinite(plain).all() and np.isfinite(masked).all(), (plain, masked)
+    # d2/dx_i dx_j of -log 2 + (x_i - (x_2 + x_5) / 2) at the two +inf entries: the tangent's
+    # second order vanishes for the value (linear in x), and the two rules agree.
+    np.testing.assert_allclose(masked, plain, rtol=1e-6, atol=1e-7)
