@@ -471,13 +471,12 @@ def _smap_programs(
     return jax.jit(sharded), jax.jit(reference)
 
 
-# Where the single-device derivatives are not finite (NaN, or a huge value) on the +inf rows of
-# the edge inputs and the sharded ones are clean: (case, mode) -> the rows. The second
-# derivatives of a +inf row (row 6: +inf on two devices; row 2: +inf at the label) and the
+# Where the single-device derivatives are not finite (NaN) on the +inf rows of the edge inputs
+# and the sharded ones are clean: (case, mode) -> the rows. The second derivatives of a
+# +inf row with the +inf at the label (row 2) and the
 # derivatives of a z-loss whose value is +inf (rows 2, 5 and 6).
 # Checked by test_shard_map_axis_name_cleaner_than_one_device.
 KNOWN = {
-    **{("log_softmax_where", m): {6} for m in ("hvp", "hvp_inside")},
     **{(c, m): {2} for c in ("ce_weight_mean", "ce_smoothing_weight_sum")
        for m in ("hvp", "hvp_inside")},
     **{("ce_z_loss_none", m): {2, 5, 6} for m in MODES if m != "value"},
