@@ -409,6 +409,7 @@ def _token_losses(
     static: _Static,
     smoothing: bool,
     every: bool,
+    axis_name: AxisName | None,
     x: jax.Array,
     w: jax.Array,
     b: jax.Array | None,
@@ -422,87 +423,58 @@ def _token_losses(
     """Per-token losses for ``x`` of shape (N, d) and labels (N,); 0 where not ``counted``.
 
     ``every`` (static): no ``where`` and no ``ignore_index``, so that every token counts.
+
+    With ``axis_name`` the classes (columns of ``w``, and ``b``, ``weight``) are split over the
+    devices along it and ``labels`` are global class indices: each device runs
+    :func:`_row_stats` over its own columns (its label index is relative to its first class,
+    out of its range where another device holds the label), and the per-token statistics are
+    joined by :func:`combine` (max, ``L``) and ``psum`` (the label's logit, the smoothing sum):
+    a few numbers per token cross devices. Derivatives come from :func:`_row_stats`' rule on
+    each device and JAX's own of the joins.
     """
     cd = eps.dtype
-    num_classes = w.shape[1]
+    local = w.shape[1]
+    num_classes = local if axis_name is None else local * axis_size(axis_name)
     if not every:
         # Excluded tokens read zeros: their logits are the bias and their gradient is 0 even
         # if x holds inf or NaN there (a select, so nothing of theirs reaches dW). It copies x,
         # so it is left out when every token counts.
         x = jnp.where(counted[:, None], x, jnp.zeros((), x.dtype))
     bad, idx = _label_index(labels, num_classes, counted)
+    rel = idx if axis_name is None else idx - class_offset(axis_name, local).astype(idx.dtype)
     sw = None
     if smoothing:
         sw = eps / num_classes if weight is None else eps / num_classes * weight
-    m, log_sum, l_y, r, _ = _row_stats(static, x, w, b, idx, sw, cap)
-    wy = jnp.asarray(1, cd) if weight is None else weight[idx]
+    m, log_sum, l_y, r, s = _row_stats(static, x, w, b, rel, sw, cap)
+    if axis_name is None:
+        wy = jnp.asarray(1, cd) if weight is None else weight[idx]
+        sw_total = eps if weight is None or not smoothing else jnp.sum(sw)
+    else:
+        m_d = lax.stop_gradient(m)
+        m, log_sum, _, _ = combine(axis_name, m_d, log_sum, s > 0)
+        l_y = lax.psum(l_y, axis_name)  # 0 on the devices that do not hold the label
+        wy = jnp.asarray(1, cd) if weight is None else _pick_across(weight, idx, axis_name)
+        if smoothing:
+            # r = sum over this device's classes of sw_v (m_d - l_v), moved to the global max.
+            seen = sw * local if weight is None else jnp.sum(sw)
+            r = lax.psum(r + (m - m_d) * seen, axis_name)
+            sw_total = eps if weight is None else lax.psum(jnp.sum(sw), axis_name)
     # -log p_y = L - z_y with z_y = l_y - m <= 0: both terms >= 0.
     loss = (1 - eps) * wy * (log_sum - (l_y - m))
     if smoothing:
-        sw_total = eps if weight is None else jnp.sum(sw)
         loss = loss + sw_total * log_sum + r
     lse = m + log_sum
-    # where, not a product: lse**2 overflows for logits near 1e20 even when z_loss is 0.
-    loss = loss + jnp.where(zeta > 0, zeta * wy * jnp.square(lse), 0.0)
+    # lse is selected away (not multiplied by 0) without z-loss, in the value and in its
+    # derivative: lse**2 overflows for logits near 1e20, and 2 lse * 0 is NaN at lse = inf.
+    on = zeta > 0
+    loss = loss + jnp.where(on, zeta * wy * jnp.square(jnp.where(on, lse, 0.0)), 0.0)
     # A counted token with a label out of range: NaN, with a zero gradient (as in
     # cross_entropy; a select, so the NaN is not in any product of the backward pass).
     loss = jnp.where(bad, nan_where(bad, cd), loss)
     return jnp.where(counted, loss, 0.0)
 
 
-_token_losses_jit = jax.jit(_token_losses, static_argnums=(0, 1, 2))
-
-
-def _token_losses_across(
-    static: _Static,
-    smoothing: bool,
-    every: bool,
-    axis_name: AxisName,
-    x: jax.Array,
-    w: jax.Array,
-    b: jax.Array | None,
-    labels: jax.Array,
-    weight: jax.Array | None,
-    eps: jax.Array,
-    zeta: jax.Array,
-    cap: jax.Array | None,
-    counted: jax.Array,
-) -> jax.Array:
-    """:func:`_token_losses` with the classes (columns of ``w``, and ``b``, ``weight``) split
-    over the devices along ``axis_name``; ``labels`` are global class indices.
-
-    Each device runs :func:`_row_stats` over its own columns (its label index is relative to
-    its first class, out of its range where another device holds the label); the per-token
-    statistics are joined by :func:`combine` (max, ``L``), and the label's logit and the
-    smoothing sum by ``psum``: a few numbers per token cross devices. Derivatives come from
-    :func:`_row_stats`' rule on each device and JAX's own of the joins.
-    """
-    cd = eps.dtype
-    local = w.shape[1]
-    num_classes = local * axis_size(axis_name)
-    if not every:
-        x = jnp.where(counted[:, None], x, jnp.zeros((), x.dtype))
-    bad, idx = _label_index(labels, num_classes, counted)
-    rel = idx - class_offset(axis_name, local).astype(idx.dtype)
-    sw = None
-    if smoothing:
-        sw = eps / num_classes if weight is None else eps / num_classes * weight
-    m_d, log_sum_d, l_y_d, r_d, s_d = _row_stats(static, x, w, b, rel, sw, cap)
-    m, log_sum, _, _ = combine(axis_name, m_d, log_sum_d, s_d > 0)
-    l_y = lax.psum(l_y_d, axis_name)  # 0 on the devices that do not hold the label
-    wy = jnp.asarray(1, cd) if weight is None else _pick_across(weight, idx, axis_name)
-    loss = (1 - eps) * wy * (log_sum - (l_y - m))
-    if smoothing:
-        # r_d = sum over this device's classes of sw_v (m_d - l_v), moved to the global max.
-        seen = sw * local if weight is None else jnp.sum(sw)
-        sw_total = eps if weight is None else lax.psum(jnp.sum(sw), axis_name)
-        r = lax.psum(r_d + (m - lax.stop_gradient(m_d)) * seen, axis_name)
-        loss = loss + sw_total * log_sum + r
-    lse = m + log_sum
-    on = zeta > 0
-    loss = loss + jnp.where(on, zeta * wy * jnp.square(jnp.where(on, lse, 0.0)), 0.0)
-    loss = jnp.where(bad, nan_where(bad, cd), loss)
-    return jnp.where(counted, loss, 0.0)
+_token_losses_jit = jax.jit(_token_losses, static_argnums=(0, 1, 2, 3))
 
 
 def _prepared_labels(
@@ -742,11 +714,11 @@ def linear_cross_entropy(
     rows = _auto_rows(num_tokens, num_classes, xa.shape[-1], chunk)
     static = _Static(chunk, rows, weight is None)
     every = where is None and ignore_index is None
-    if axis_name is None:
-        token_losses = partial(_token_losses_jit, static, smoothing, every)
-    else:
-        token_losses = partial(_token_losses_across, static, smoothing, every, axis_name)
-    loss = token_losses(
+    loss = _token_losses_jit(
+        static,
+        smoothing,
+        every,
+        axis_name,
         xa.astype(dtype).reshape(num_tokens, xa.shape[-1]),
         wa.astype(dtype),
         None if ba is None else ba.astype(dtype),
