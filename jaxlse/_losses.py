@@ -486,37 +486,58 @@ def _ce_loss(
     m: jax.Array,
     log_sum: jax.Array,
     lse: jax.Array,
+    axis_name: AxisName | None = None,
 ) -> jax.Array:
-    """The body of :func:`_ce_core`, from the per-row statistics of :func:`_ce_row`."""
-    num_classes, cd = x.shape[-1], eps.dtype
+    """The body of :func:`_ce_core`, from the per-row statistics of :func:`_ce_row`.
+
+    With ``axis_name`` (see :func:`_ce_across`) the classes of ``x`` (and of ``weight`` and
+    soft ``labels``) are this device's slice, integer labels are global, and every sum over
+    the classes is completed by a ``psum``.
+    """
+    cd = eps.dtype
+    shards = 1 if axis_name is None else axis_size(axis_name)
+    num_classes = x.shape[-1] * shards
+
+    def over_classes(v: jax.Array) -> jax.Array:
+        return v if axis_name is None else lax.psum(v, axis_name)
+
     if soft:
         q = labels * (1 - eps) + eps / num_classes
         tw = q if weight is None else q * _row(weight, q.ndim)
-        loss = jnp.sum(tw, axis=-1, keepdims=True) * log_sum + _weighted_neg_z(x, m, tw)
+        tw_total = over_classes(jnp.sum(tw, axis=-1, keepdims=True))
+        loss = tw_total * log_sum + over_classes(_weighted_neg_z(x, m, tw))
         scale = jnp.asarray(1, cd)
         bad = None
     else:
         bad, idx = _label_index(labels, num_classes, counted)
-        bad, idx = bad[..., None], idx[..., None]
         # Scalars, not arrays of ones, when there is no weight: XLA:CPU slows down a lot when a
         # constant array is shared between kernels.
-        wy = jnp.asarray(1, cd) if weight is None else weight[idx]
-        z_y = shifted(_label_logit(x, labels, cd), m)
+        if axis_name is None:
+            wy = jnp.asarray(1, cd) if weight is None else weight[idx[..., None]]
+            x_y = _label_logit(x, labels, cd)
+        else:
+            wy = jnp.asarray(1, cd) if weight is None else _pick_across(
+                weight, idx, axis_name)[..., None]
+            x_y = local_pick(x.astype(cd), idx, axis_name)[0][..., None]
+        bad = bad[..., None]
         # -log p_y = L - z_y: both terms >= 0. In a row holding +inf, z_y is 0 at a +inf label
-        # and <= -2e31 elsewhere; scaling the latter by 1 + big makes the loss +inf, its limit.
-        big = jnp.finfo(cd).max
-        d = jnp.maximum(1 - jnp.exp(big - m), 0.0)
-        loss = (1 - eps) * wy * (log_sum - z_y * (1 + d * big))
+        # and <= -2e31 elsewhere, where the loss is +inf, its limit (added, so that a
+        # derivative taken through it stays finite).
+        z_y = shifted(x_y, m)
+        off = jnp.where((m == jnp.inf) & (z_y < 0), jnp.inf, 0.0)
+        loss = (1 - eps) * wy * (log_sum - z_y + off)
         if smoothing:
             if weight is None:
                 sw, sw_total = eps / num_classes, eps
             else:
                 sw = _row(eps / num_classes * weight, x.ndim)
-                sw_total = jnp.sum(sw)
-            loss = loss + sw_total * log_sum + _weighted_neg_z(x, m, sw)
+                sw_total = over_classes(jnp.sum(sw))
+            loss = loss + sw_total * log_sum + over_classes(_weighted_neg_z(x, m, sw))
         scale = wy
-    # where, not a product: lse**2 overflows for logits near 1e20 even when z_loss is 0.
-    loss = loss + jnp.where(zeta > 0, zeta * scale * jnp.square(lse), 0.0)
+    # lse is selected away (not multiplied by 0) without z-loss, in the value and in its
+    # derivative: lse**2 overflows for logits near 1e20, and 2 lse * 0 is NaN at lse = inf.
+    on = zeta > 0
+    loss = loss + jnp.where(on, zeta * scale * jnp.square(jnp.where(on, lse, 0.0)), 0.0)
     if bad is not None:
         loss = jnp.where(bad, nan_where(bad, loss.dtype), loss)
     return jnp.where(counted, loss[..., 0], 0.0)
@@ -549,61 +570,18 @@ def _ce_across(
     counted: jax.Array,
 ) -> jax.Array:
     """Per-example cross-entropy (batch shape) of logits whose classes (last axis) are split
-    over the devices along ``axis_name``: ``_ce_loss``'s formulas, with the row statistics of
-    :func:`global_stats` and every sum over the classes completed by a ``psum``. Labels are
-    global class indices; ``weight`` (and soft ``labels``) are this device's slices.
-    Derivatives come from :func:`global_stats`' rule and JAX's own of the rest."""
+    over the devices along ``axis_name``: :func:`_ce_loss` with the row statistics of
+    :func:`global_stats`. Labels are global class indices; ``weight`` (and soft ``labels``)
+    are this device's slices. Derivatives come from :func:`global_stats`' rule and JAX's own
+    of the rest."""
     cd = eps.dtype
-    axes = (x.ndim - 1,)
-    num_classes = x.shape[-1] * axis_size(axis_name)
     # Examples that do not count read zeros, so that nothing of theirs (inf, NaN) reaches a
     # derivative through the statistics.
     x = jnp.where(counted[..., None], x.astype(cd), 0.0)
-    m, log_sum, inv = global_stats(axes, axis_name, x, None)
-    big = jnp.finfo(cd).max
-    lse = jnp.minimum(m, big) + log_sum + jnp.where(m == jnp.inf, jnp.inf, 0.0)
-    neg_z = -shifted(x, m)
-
-    def weighted_neg_z(tw: jax.Array) -> jax.Array:
-        if tw.ndim == 0:  # summed first, then scaled, as on one device
-            return tw * lax.psum(jnp.sum(neg_z, axis=-1, keepdims=True), axis_name)
-        term = jnp.where((tw == 0) & (neg_z == jnp.inf), 0.0, tw * neg_z)
-        return lax.psum(jnp.sum(term, axis=-1, keepdims=True), axis_name)
-
-    if soft:
-        q = labels * (1 - eps) + eps / num_classes
-        tw = q if weight is None else q * _row(weight, q.ndim)
-        tw_total = lax.psum(jnp.sum(tw, axis=-1, keepdims=True), axis_name)
-        loss = tw_total * log_sum + weighted_neg_z(tw)
-        scale = jnp.asarray(1, cd)
-        bad = None
-    else:
-        bad, idx = _label_index(labels, num_classes, counted)
-        x_y, _ = local_pick(x, idx, axis_name)
-        bad, x_y = bad[..., None], x_y[..., None]
-        wy = jnp.asarray(1, cd) if weight is None else _pick_across(weight, idx, axis_name)[
-            ..., None
-        ]
-        # -log p_y = L - z_y; +inf (added, so that the derivative stays finite) for a label
-        # off the +inf entries of a row holding +inf.
-        z_y = shifted(x_y, m)
-        off = jnp.where((m == jnp.inf) & (z_y < 0), jnp.inf, 0.0)
-        loss = (1 - eps) * wy * (log_sum - z_y + off)
-        if smoothing:
-            if weight is None:
-                sw, sw_total = eps / num_classes, eps
-            else:
-                sw = jnp.broadcast_to(_row(eps / num_classes * weight, x.ndim), x.shape)
-                sw_total = lax.psum(jnp.sum(eps / num_classes * weight), axis_name)
-            loss = loss + sw_total * log_sum + weighted_neg_z(sw)
-        scale = wy
-    # lse is selected away (not multiplied by 0) without z-loss, in the value and in its
-    # derivative: lse**2 overflows for logits near 1e20, and 2 lse * 0 is NaN at lse = inf.
-    on = zeta > 0
-    loss = loss + jnp.where(on, zeta * scale * jnp.square(jnp.where(on, lse, 0.0)), 0.0)
-    if bad is not None:
-        loss = jnp.where(bad, nan_where(bad, loss.dtype), loss)
-    return jnp.where(counted, loss[..., 0], 0.0)
+    m, log_sum, _ = global_stats((x.ndim - 1,), axis_name, x, None)
+    lse = jnp.minimum(m, jnp.finfo(cd).max) + log_sum + jnp.where(m == jnp.inf, jnp.inf, 0.0)
+    return _ce_loss(soft, smoothing, x, labels, weight, eps, zeta, counted, m, log_sum, lse,
+                    axis_name)
 
 
 def _is_zero(t: object) -> bool:
