@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import Cases
+from helpers import FAST_COMPILE, Cases, fast_jit
 from jax import lax
 from jax.ad_checkpoint import print_saved_residuals
 from jax.test_util import check_jvp, check_vjp
@@ -43,12 +43,9 @@ F32, BF16, F64 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.
 # another order), so they agree to a few ulps of the operands' magnitudes.
 TOL = {F64: {"rtol": 1e-12, "atol": 1e-13}, F32: {"rtol": 2e-5, "atol": 2e-6}}
 
-# Compilation dominates these tests: most programs are compiled with LLVM's expensive passes
-# off, about 40 % faster (as test_losses does for its golden cases). Programs whose floating-
-# point code generation matters (the fused multiply-add case, jit against eager, memory) are
-# compiled as users' programs are.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-fast_jit = partial(jax.jit, compiler_options=FAST_COMPILE)
+# Compilation dominates these tests: most programs are compiled with helpers.FAST_COMPILE
+# (their checks are tolerances). Programs whose floating-point code generation matters (the
+# fused multiply-add case, jit against eager, memory) are compiled as users' programs are.
 
 # Option values for the "traced" configuration, in which every option is an array argument
 # (weight, where, label_smoothing, z_loss, soft_cap; ignore_index=3), so that one compiled

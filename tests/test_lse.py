@@ -30,7 +30,9 @@ import pytest
 from helpers import (
     DISTRIBUTIONS,
     Cases,
+    check_grads,
     cond_branches,
+    fast_jit,
     ref_log_softmax,
     ref_logsumexp,
     ref_softmax,
@@ -40,7 +42,6 @@ from helpers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from jax.test_util import check_grads
 
 import jaxlse
 
@@ -147,19 +148,35 @@ def _example(full: jax.Array, in_axis, i: int):
     return full[0] if in_axis is None else full[i]
 
 
-@pytest.mark.parametrize("axis", [-1, 0, None])
-@pytest.mark.parametrize("in_axes", VMAP_IN_AXES, ids=str)
+VMAP_CASES = [(in_axes, axis) for in_axes in VMAP_IN_AXES for axis in (-1, 0, None)]
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_vmap_over_x_and_where_matches_loop(name, in_axes, axis):
+def test_vmap_over_x_and_where_matches_loop(name):
+    """Every (in_axes, axis) case of one function: ``vmap`` equals a loop over the batch. All
+    the cases are traced into one program (compiled with ``helpers.FAST_COMPILE``: the two
+    sides are compared with tolerances) and each is checked, and named, on its own."""
     x = _normal((3, 4, 5), seed=3)
     w = jnp.asarray(np.random.default_rng(3).random((3, 4, 5)) < 0.6)
 
-    def f(v, m):
-        return _call(name, v, axis, where=m)
+    @fast_jit
+    def every_case(x, w):
+        out = []
+        for in_axes, axis in VMAP_CASES:
+            def f(v, m, axis=axis):
+                return _call(name, v, axis, where=m)
 
-    got = jax.vmap(f, in_axes=in_axes)(_batched(x, in_axes[0]), _batched(w, in_axes[1]))
-    want = _stack([f(_example(x, in_axes[0], i), _example(w, in_axes[1], i)) for i in range(3)])
-    chex.assert_trees_all_close(got, want, strict=True, **TOL[F32])
+            got = jax.vmap(f, in_axes=in_axes)(_batched(x, in_axes[0]), _batched(w, in_axes[1]))
+            want = _stack([f(_example(x, in_axes[0], i), _example(w, in_axes[1], i))
+                           for i in range(3)])
+            out.append((got, want))
+        return out
+
+    cases = Cases()
+    for (in_axes, axis), (got, want) in zip(VMAP_CASES, every_case(x, w), strict=True):
+        with cases.case(f"{name}-in_axes={in_axes}-axis={axis}"):
+            chex.assert_trees_all_close(got, want, strict=True, **TOL[F32])
+    cases.assert_all_passed(expected=len(VMAP_IN_AXES) * 3)
 
 
 @pytest.mark.parametrize(
@@ -247,7 +264,7 @@ def test_derivatives_agree(name, shape, axis, masked):
             "fwd_fwd": jax.jacfwd(jax.jacfwd(g))(v),
         }
 
-    d = jax.jit(derivatives)(x)
+    d = fast_jit(derivatives)(x)  # compared with tolerances: compiled fast (helpers.FAST_COMPILE)
     assert all(np.all(np.isfinite(v)) for v in d.values())
     chex.assert_trees_all_close(d["jacfwd"], d["jacrev"], strict=True, **TOL[F32])
     # grad = J^T t (the -inf outputs of masked log_softmax carry no weight)
@@ -266,15 +283,15 @@ def test_derivatives_agree(name, shape, axis, masked):
         def g_nn(v):
             return jnp.sum(getattr(jax.nn, name)(v, axis=axis) * t)
 
-        grad_nn, hess_nn = jax.jit(lambda v: (jax.grad(g_nn)(v), jax.hessian(g_nn)(v)))(x)
+        grad_nn, hess_nn = fast_jit(lambda v: (jax.grad(g_nn)(v), jax.hessian(g_nn)(v)))(x)
         chex.assert_trees_all_close(d["grad"], grad_nn, strict=True, **TOL[F32])
         chex.assert_trees_all_close(hess, hess_nn, strict=True, **TOL[F32])
 
 
 def _check_grads(f, args):
-    """``check_grads`` to second order in both modes, of ``f`` under ``jit`` (one compilation
-    per derivative program rather than one per operation)."""
-    check_grads(jax.jit(f), args, order=2, modes=("fwd", "rev"))
+    """``check_grads`` to second order in both modes, each derivative program compiled once
+    (``helpers.check_grads``: ``jax.test_util.check_grads``'s checks, with ``fast_jit``)."""
+    check_grads(f, args, order=2)
 
 
 CHECK_GRADS_CASES = [((3, 4), -1), ((3, 4), 0), ((2, 3, 4), (0, 2))]
@@ -389,7 +406,7 @@ def test_values_match_jax_nn(name, dtype):
         specs = VALUE_DTYPES[dtype]
         inputs = [_value_inputs(dtype, shape, axis) for shape, axis in specs]
 
-        @jax.jit
+        @fast_jit  # compared with tolerances (helpers.FAST_COMPILE)
         def every_case(all_inputs):
             return [(_our_values(name, x, axis, w, b), _jax_nn_values(name, dtype, x, axis, w, b))
                     for (_, axis), (x, w, b) in zip(specs, all_inputs, strict=True)]
@@ -562,13 +579,14 @@ def test_where_excluded_entries_take_no_part(name, excluded):
         chex.assert_trees_all_close(out[:, cols], f_kept(kept), strict=True)
         fill = -INF if name == "log_softmax" else 0.0
         np.testing.assert_array_equal(out[:, gone], np.full((2, 2), fill, np.float32))
+    # the derivative programs are compared with tolerances: compiled with helpers.FAST_COMPILE
     for jac in (jax.jacfwd, jax.jacrev):
-        j = jax.jit(jac(f))(x)
+        j = fast_jit(jac(f))(x)
         assert np.all(np.isfinite(j))
         np.testing.assert_array_equal(j[..., gone], np.zeros_like(j[..., gone]))
-        chex.assert_trees_all_close(pick(j), jax.jit(jac(f_kept))(kept), strict=True,
+        chex.assert_trees_all_close(pick(j), fast_jit(jac(f_kept))(kept), strict=True,
                                     **TOL[F32])
-    h, h_kept = jax.jit(jax.hessian(f))(x[0]), jax.jit(jax.hessian(f_kept))(kept[0])
+    h, h_kept = fast_jit(jax.hessian(f))(x[0]), fast_jit(jax.hessian(f_kept))(kept[0])
     assert np.all(np.isfinite(h))
     assert not np.any(h[..., gone])
     sel = np.ix_(cols, cols) if name == "logsumexp" else np.ix_(cols, cols, cols)
@@ -670,7 +688,7 @@ def test_nan_stays_in_its_row(name, shape, axis):
         return jnp.sum(_call(name, v, axis) * t)
 
     out, out_clean = np.asarray(_call(name, x_nan, axis)), np.asarray(_call(name, x, axis))
-    grad_fn = jax.jit(jax.grad(g))
+    grad_fn = fast_jit(jax.grad(g))  # NaN or not, and equality: helpers.FAST_COMPILE suffices
     grad, grad_clean = np.asarray(grad_fn(x_nan)), np.asarray(grad_fn(x))
     bad_out = np.zeros(out.shape, bool)
     bad_out[row0 if name != "logsumexp" else
@@ -682,7 +700,7 @@ def test_nan_stays_in_its_row(name, shape, axis):
     assert np.all(np.isnan(grad[bad_in]))
     np.testing.assert_array_equal(grad[~bad_in], grad_clean[~bad_in])
     for jac in (jax.jacfwd, jax.jacrev):
-        j = np.asarray(jax.jit(jac(lambda v: _call(name, v, axis)))(x_nan))
+        j = np.asarray(fast_jit(jac(lambda v: _call(name, v, axis)))(x_nan))
         j = j.reshape(out.size, x.size)
         # d(other rows) / d(other rows) is NaN-free. (d(other rows) / d(NaN row) is 0 * NaN:
         # the NaN row's gradient is NaN, as it must be.)

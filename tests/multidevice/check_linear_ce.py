@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from check_sharding import assert_close, collectives, make_mesh
-from helpers import Cases
+from helpers import Cases, fast_jit
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -123,7 +123,8 @@ def smap_results() -> tuple[dict[str, Any], dict[str, Any]]:
         }
 
     args = (a["x"], a["w"], a["b"], t, ct)
-    return jax.jit(sharded_all)(*args), jax.jit(single_all)(*args)
+    # compared with tolerances: compiled with helpers.FAST_COMPILE
+    return fast_jit(sharded_all)(*args), fast_jit(single_all)(*args)
 
 
 def test_shard_map_axis_name_equals_single_device(smap_results) -> None:
