@@ -19,8 +19,8 @@ Public names (imported by other test modules, keep them stable):
 * ``Cases``: subTest-like checks for a test that runs many cases at once (one compiled function
   for all of them): ``with cases.case(id): ...`` per case, then ``cases.assert_all_passed()``
   raises one ``AssertionError`` naming every failing case and its message
-* ``FAST_COMPILE``, ``fast_jit(fn, **jit_kwargs)``: XLA:CPU options that compile a program about
-  3x faster, for programs whose checks are tolerances (see ``FAST_COMPILE``)
+* ``fast_compile_options()``, ``fast_jit(fn, **jit_kwargs)``: XLA:CPU options that compile a
+  program about 3x faster, for programs whose checks are tolerances (see the comment there)
 * ``check_grads(f, args, order=2)``: ``jax.test_util.check_grads`` in modes fwd and rev, with
   every function it evaluates compiled by ``fast_jit``
 
@@ -33,6 +33,7 @@ its ``+inf`` entries, and a row holding NaN is NaN.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -40,10 +41,10 @@ import ml_dtypes
 import numpy as np
 
 __all__ = [
-    "FAST_COMPILE",
     "Cases",
     "check_grads",
     "cond_branches",
+    "fast_compile_options",
     "fast_jit",
     "ref_log_softmax",
     "ref_logsumexp",
@@ -282,28 +283,42 @@ class Cases:
 
 
 # Compile options for test programs whose checks are tolerances: derivatives against each other,
-# against central differences or against another library (jax.nn, optax, PyTorch's golden
-# values, one device), never a bound in ulps, a bitwise comparison or a memory figure. XLA:CPU's
-# own options, not jaxlse's: LLVM at its lowest optimization level, its expensive passes off,
-# and XLA:CPU's elemental emitters instead of its fusion emitters. Measured on this suite's
-# programs (median of 3, 2 cores): log_softmax's and logsumexp's forward and Hessian programs
-# compile in 41-51 ms instead of 117-151 ms, and the whole suite under these options (forced on
-# every program through XLA_FLAGS, as an experiment) still passed every test, ulp bounds
-# included. The programs that check rounding, memory or eager dispatch keep the default options,
-# as users' programs do. (Very large programs, such as the PyTorch golden cases of one shape,
-# compile faster with the fusion emitters kept: they use ``GOLDEN_COMPILE`` in test_losses.)
-FAST_COMPILE: dict[str, Any] = {
+# against central differences or against another library (jax.nn, optax, one device), never a
+# bound in ulps, a bitwise comparison or a memory figure. XLA:CPU's own options, not jaxlse's:
+# LLVM at its lowest optimization level, its expensive passes off, and (where XLA:CPU still has
+# the option: jaxlib 0.10 does, 0.12 does not) its elemental emitters instead of its fusion
+# emitters. Measured with jax 0.10.2 on this suite's programs (median of 3, 2 cores):
+# log_softmax's and logsumexp's forward and Hessian programs compile in 41-51 ms instead of
+# 117-151 ms, and the whole suite under these options (forced on every program through
+# XLA_FLAGS, as an experiment) still passed every test, ulp bounds included. The programs that
+# check rounding, memory or eager dispatch keep the default options, as users' programs do.
+# (Very large programs, such as the PyTorch golden cases of one shape, compile faster with the
+# fusion emitters kept: test_losses uses its own GOLDEN_COMPILE for them.)
+_FAST_COMPILE_BASE: dict[str, Any] = {
     "xla_backend_optimization_level": 0,
     "xla_llvm_disable_expensive_passes": True,
-    "xla_cpu_use_fusion_emitters": False,
 }
+_ELEMENTAL_EMITTERS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
+
+
+@functools.cache
+def fast_compile_options() -> dict[str, Any]:
+    """The options of ``fast_jit`` that this jaxlib's XLA knows (checked once, on a scalar)."""
+    import jax  # only here: the references above do not depend on jax
+
+    options = {**_FAST_COMPILE_BASE, **_ELEMENTAL_EMITTERS}
+    try:
+        jax.jit(lambda v: v + 1).lower(np.float32(0)).compile(compiler_options=options)
+    except jax.errors.JaxRuntimeError:  # "No such compile option"
+        options = dict(_FAST_COMPILE_BASE)
+    return options
 
 
 def fast_jit(fn: Callable[..., Any], **jit_kwargs: Any) -> Any:
-    """``jax.jit(fn, compiler_options=FAST_COMPILE, **jit_kwargs)``."""
+    """``jax.jit(fn, compiler_options=fast_compile_options(), **jit_kwargs)``."""
     import jax  # only here: the references above do not depend on jax
 
-    return jax.jit(fn, compiler_options=FAST_COMPILE, **jit_kwargs)
+    return jax.jit(fn, compiler_options=fast_compile_options(), **jit_kwargs)
 
 
 def check_grads(f: Callable[..., Any], args: tuple[Any, ...], order: int = 2) -> None:
@@ -317,8 +332,6 @@ def check_grads(f: Callable[..., Any], args: tuple[Any, ...], order: int = 2) ->
     ``f`` inside its ``vjp``, where a ``jit`` may not carry compiler options, and unjitted it
     dispatches every operation on its own.)
     """
-    import functools
-
     import jax
     from jax.test_util import check_jvp, check_vjp
 

@@ -101,7 +101,7 @@ def _program(name: str) -> Callable[..., tuple[jax.Array, ...]]:
     one compiled program (compiled once, for the float64 arguments of :func:`_args`).
 
     ``jax.hessian`` is ``jacfwd(jacrev)`` by definition, so that mode is computed once. The
-    program is compiled with ``helpers.FAST_COMPILE`` (its checks are tolerances), in about
+    program is compiled with ``helpers.fast_jit`` (its checks are tolerances), in about
     half the time of the default options; no derivative changes beyond rounding.
     """
     f = CONFIGS[name]

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import FAST_COMPILE, Cases, fast_jit
+from helpers import Cases, fast_compile_options, fast_jit
 from jax import lax
 from jax.ad_checkpoint import print_saved_residuals
 from jax.test_util import check_jvp, check_vjp
@@ -43,7 +43,7 @@ F32, BF16, F64 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.
 # another order), so they agree to a few ulps of the operands' magnitudes.
 TOL = {F64: {"rtol": 1e-12, "atol": 1e-13}, F32: {"rtol": 2e-5, "atol": 2e-6}}
 
-# Compilation dominates these tests: most programs are compiled with helpers.FAST_COMPILE
+# Compilation dominates these tests: most programs are compiled with helpers.fast_jit
 # (their checks are tolerances). Programs whose floating-point code generation matters (the
 # fused multiply-add case, jit against eager, memory) are compiled as users' programs are.
 
@@ -212,7 +212,7 @@ def _check_cases(
         inputs = [_inputs(case, vals) for case in cases]
         if compiled is None:
             lowered = _program(tuple(cases)).lower(inputs)
-            compiled = lowered.compile(compiler_options=FAST_COMPILE if fast else None)
+            compiled = lowered.compile(compiler_options=fast_compile_options() if fast else None)
         for case, (x, w, b, *_), (ours, *refs) in zip(
             cases, inputs, compiled(inputs), strict=True
         ):

@@ -154,7 +154,7 @@ VMAP_CASES = [(in_axes, axis) for in_axes in VMAP_IN_AXES for axis in (-1, 0, No
 @pytest.mark.parametrize("name", NAMES)
 def test_vmap_over_x_and_where_matches_loop(name):
     """Every (in_axes, axis) case of one function: ``vmap`` equals a loop over the batch. All
-    the cases are traced into one program (compiled with ``helpers.FAST_COMPILE``: the two
+    the cases are traced into one program (compiled with ``helpers.fast_jit``: the two
     sides are compared with tolerances) and each is checked, and named, on its own."""
     x = _normal((3, 4, 5), seed=3)
     w = jnp.asarray(np.random.default_rng(3).random((3, 4, 5)) < 0.6)
@@ -264,7 +264,7 @@ def test_derivatives_agree(name, shape, axis, masked):
             "fwd_fwd": jax.jacfwd(jax.jacfwd(g))(v),
         }
 
-    d = fast_jit(derivatives)(x)  # compared with tolerances: compiled fast (helpers.FAST_COMPILE)
+    d = fast_jit(derivatives)(x)  # compared with tolerances: compiled fast (helpers.fast_jit)
     assert all(np.all(np.isfinite(v)) for v in d.values())
     chex.assert_trees_all_close(d["jacfwd"], d["jacrev"], strict=True, **TOL[F32])
     # grad = J^T t (the -inf outputs of masked log_softmax carry no weight)
@@ -406,7 +406,7 @@ def test_values_match_jax_nn(name, dtype):
         specs = VALUE_DTYPES[dtype]
         inputs = [_value_inputs(dtype, shape, axis) for shape, axis in specs]
 
-        @fast_jit  # compared with tolerances (helpers.FAST_COMPILE)
+        @fast_jit  # compared with tolerances (helpers.fast_jit)
         def every_case(all_inputs):
             return [(_our_values(name, x, axis, w, b), _jax_nn_values(name, dtype, x, axis, w, b))
                     for (_, axis), (x, w, b) in zip(specs, all_inputs, strict=True)]
@@ -579,7 +579,7 @@ def test_where_excluded_entries_take_no_part(name, excluded):
         chex.assert_trees_all_close(out[:, cols], f_kept(kept), strict=True)
         fill = -INF if name == "log_softmax" else 0.0
         np.testing.assert_array_equal(out[:, gone], np.full((2, 2), fill, np.float32))
-    # the derivative programs are compared with tolerances: compiled with helpers.FAST_COMPILE
+    # the derivative programs are compared with tolerances: compiled with helpers.fast_jit
     for jac in (jax.jacfwd, jax.jacrev):
         j = fast_jit(jac(f))(x)
         assert np.all(np.isfinite(j))
@@ -688,7 +688,7 @@ def test_nan_stays_in_its_row(name, shape, axis):
         return jnp.sum(_call(name, v, axis) * t)
 
     out, out_clean = np.asarray(_call(name, x_nan, axis)), np.asarray(_call(name, x, axis))
-    grad_fn = fast_jit(jax.grad(g))  # NaN or not, and equality: helpers.FAST_COMPILE suffices
+    grad_fn = fast_jit(jax.grad(g))  # NaN or not, and equality: helpers.fast_jit suffices
     grad, grad_clean = np.asarray(grad_fn(x_nan)), np.asarray(grad_fn(x))
     bad_out = np.zeros(out.shape, bool)
     bad_out[row0 if name != "logsumexp" else

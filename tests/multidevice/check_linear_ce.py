@@ -123,7 +123,7 @@ def smap_results() -> tuple[dict[str, Any], dict[str, Any]]:
         }
 
     args = (a["x"], a["w"], a["b"], t, ct)
-    # compared with tolerances: compiled with helpers.FAST_COMPILE
+    # compared with tolerances: compiled with helpers.fast_jit
     return fast_jit(sharded_all)(*args), fast_jit(single_all)(*args)
 
 

@@ -256,7 +256,7 @@ def _point1(kind: AxisType | None, program: str, dtype: Any = F32) -> tuple[Any,
         "logsumexp_where", "log_softmax", "softmax", "nll_soft_sum", "ce_everything_mean")
     fn = {"grad": _values_and_grads, "jvp": _tangents}[program]
     # The outputs are compared with tolerances and the HLO for collectives (which the SPMD
-    # partitioner places, whatever LLVM does later): compiled with helpers.FAST_COMPILE.
+    # partitioner places, whatever LLVM does later): compiled with helpers.fast_jit.
     with jax.enable_x64(dtype == F64):
         a = _inputs(dtype, n=N1, v=V1)
         if kind is None:
@@ -470,7 +470,7 @@ def _smap_programs(
             out[name] = {**res, **{f"{m}_inside": v for m, v in res.items() if m != "value"}}
         return out
 
-    # compared with tolerances: compiled with helpers.FAST_COMPILE
+    # compared with tolerances: compiled with helpers.fast_jit
     return fast_jit(sharded), fast_jit(reference)
 
 
