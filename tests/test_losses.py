@@ -39,6 +39,7 @@ from helpers import (
     Cases,
     check_grads,
     cond_branches,
+    fast_compile_options,
     fast_jit,
     ref_log_softmax,
     ref_logsumexp,
@@ -890,7 +891,9 @@ def test_excluded_bad_row_contributes_nothing(kind, fn, labels_kind, exclude):
     labels, kw = _excluded_case(labels_kind, exclude, 4, 5, [1], seed=9)
     # the gradient of loss[0] + ... + loss[3] + sum + mean
     f = _all_reductions(fn, **kw)
-    vg = jax.jit(lambda v, y: loss_and_grad_traced(lambda u: f(u, y), v))
+    # the bad and the clean batch through one program (helpers.fast_jit: the checks compare
+    # them with each other, and against 0 and infinity)
+    vg = fast_jit(lambda v, y: loss_and_grad_traced(lambda u: f(u, y), v))
     loss, grad = (np.asarray(a) for a in vg(x, labels))
     clean_loss, clean_grad = (np.asarray(a) for a in vg(clean, labels))
     assert np.all(np.isfinite(loss)) and loss[1] == 0
@@ -1029,7 +1032,7 @@ def test_out_of_range_label_under_jit_loss_is_nan(fn, bad):
     a negative label never wraps around."""
     x, good, labels = _bad_label_case(bad)
     f = _all_reductions(fn, ignore_index=-7)
-    vg = jax.jit(lambda v, y: loss_and_grad_traced(lambda u: f(u, y)[:4], v))
+    vg = fast_jit(lambda v, y: loss_and_grad_traced(lambda u: f(u, y)[:4], v))  # NaN or equal
     loss, grad = (np.asarray(a) for a in vg(x, labels))
     good_loss, good_grad = (np.asarray(a) for a in vg(x, good))
     assert np.isnan(loss[1])
@@ -1037,7 +1040,7 @@ def test_out_of_range_label_under_jit_loss_is_nan(fn, bad):
     np.testing.assert_array_equal(loss[rest], good_loss[rest])
     np.testing.assert_array_equal(grad[rest], good_grad[rest])
     assert np.all(np.isfinite(good_loss)) and np.all(np.isfinite(good_grad))
-    assert np.all(np.isnan(jax.jit(f)(x, labels)[4:]))  # sum and mean
+    assert np.all(np.isnan(fast_jit(f)(x, labels)[4:]))  # sum and mean
     if -5 <= bad < 0:  # where wrapping around would land: a finite loss
         wrapped = labels.copy()
         wrapped[1] = 5 + bad
@@ -1051,12 +1054,12 @@ def test_out_of_range_label_under_jit_adds_nothing_to_derivatives(fn, bad):
     as 0 * NaN in the reverse-mode jacobian of the other examples' losses, where forward mode
     gives 0."""
     x, _, labels = _bad_label_case(bad)
-    loss, grad = jax.jit(lambda v, y: loss_and_grad_traced(
+    loss, grad = fast_jit(lambda v, y: loss_and_grad_traced(
         lambda u: _loss(fn, u, y, reduction="none", ignore_index=-7), v))(x, labels)
     assert np.isnan(loss[1])
     np.testing.assert_array_equal(np.asarray(grad)[1], 0.0)
     assert np.all(np.isfinite(np.asarray(grad)[[0, 2, 3]]))
-    per_example = jax.jit(lambda v, y: (
+    per_example = fast_jit(lambda v, y: (
         jax.jacrev(lambda u: _loss(fn, u, y, reduction="none", ignore_index=-7))(v),
         jax.jacfwd(lambda u: _loss(fn, u, y, reduction="none", ignore_index=-7))(v)))
     rev, fwd = (np.asarray(a)[[0, 2, 3]] for a in per_example(x, labels))
@@ -1293,10 +1296,11 @@ def test_class_axis_not_last(fn, labels_kind):
             return jaxlse.nll_loss(jaxlse.log_softmax(v, axis=axis), y, **kw)
         return jaxlse.cross_entropy(v, y, label_smoothing=0.1, **kw)
 
-    loss, grad = loss_and_grad(lambda v, y: f(v, y, 1), x, labels)
-    loss_neg, grad_neg = loss_and_grad(lambda v, y: f(v, y, -2), x, labels)
+    fast = {"compiler_options": fast_compile_options()}  # compared with each other
+    loss, grad = loss_and_grad(lambda v, y: f(v, y, 1), x, labels, **fast)
+    loss_neg, grad_neg = loss_and_grad(lambda v, y: f(v, y, -2), x, labels, **fast)
     loss_last, grad_last = loss_and_grad(lambda v, y: f(v, y, -1), np.moveaxis(x, 1, -1),
-                                         labels_last)
+                                         labels_last, **fast)
     assert loss.shape == (3, 4) and grad.shape == x.shape
     chex.assert_trees_all_close(loss, loss_last, rtol=1e-6, atol=0)
     chex.assert_trees_all_close(grad, jnp.moveaxis(grad_last, -1, 1), rtol=1e-6, atol=1e-7)

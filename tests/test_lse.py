@@ -965,14 +965,23 @@ UNIT_AXIS_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("shape", "axis"), UNIT_AXIS_CASES, ids=str)
 @pytest.mark.parametrize("name", NAMES)
-def test_axes_of_size_one_match_jax_nn(name, shape, axis):
-    x = _normal(shape, seed=11)
-    got = _call(name, x, axis)
-    want = getattr(jax.nn, name)(x, axis=axis)
-    assert got.shape == want.shape
-    chex.assert_trees_all_close(got, want, **TOL[F32])
+def test_axes_of_size_one_match_jax_nn(name):
+    """Every case of UNIT_AXIS_CASES against jax.nn, in one program (helpers.fast_jit: compared
+    with tolerances), each case checked and named on its own."""
+    xs = [_normal(shape, seed=11) for shape, _ in UNIT_AXIS_CASES]
+
+    @fast_jit
+    def every_case(xs):
+        return [(_call(name, x, axis), getattr(jax.nn, name)(x, axis=axis))
+                for x, (_, axis) in zip(xs, UNIT_AXIS_CASES, strict=True)]
+
+    cases = Cases()
+    for (shape, axis), (got, want) in zip(UNIT_AXIS_CASES, every_case(xs), strict=True):
+        with cases.case(f"{name}-{shape}-{axis}"):
+            assert got.shape == want.shape
+            chex.assert_trees_all_close(got, want, **TOL[F32])
+    cases.assert_all_passed(expected=len(UNIT_AXIS_CASES))
 
 
 LAYOUTS = {
@@ -1308,21 +1317,27 @@ def test_b_and_where_broadcast_with_the_input_as_in_jax_nn(name, x_shape, w_shap
     # The reference is jax.nn on explicitly broadcast arguments (its own broadcasting of a
     # larger mask in log_softmax is wrong in jax 0.10, and the tests forbid rank promotion).
     shape = np.broadcast_shapes(x_shape, *(v.shape for v in kw.values()))
-    for axis in (-1, None):
-        got = _fn(name)(x, axis=axis, **kw)
-        full = {k: jnp.broadcast_to(v, shape) for k, v in kw.items()}
-        want = getattr(jax.nn, name)(jnp.broadcast_to(x, shape), axis=axis, **full)
-        assert got.shape == want.shape
-        chex.assert_trees_all_close(got, want, **TOL[F32])
-    # The gradient sums over the broadcast copies, as for an explicit broadcast.
     keep = kw.get("where", True) if name != "logsumexp" else True
 
-    def total(v, broadcast):
+    def total(v, kw, broadcast):
         out = _fn(name)(jnp.broadcast_to(v, shape) if broadcast else v, **kw)
         return jnp.sum(jnp.where(keep, out, 0.0))
 
-    got_grad = jax.grad(total)(x, False)
-    chex.assert_trees_all_close(got_grad, jax.grad(total)(x, True), **TOL[F32])
+    @fast_jit  # one program for the case (compared with tolerances)
+    def run(x, kw):
+        full = {k: jnp.broadcast_to(v, shape) for k, v in kw.items()}
+        values = [(_fn(name)(x, axis=axis, **kw),
+                   getattr(jax.nn, name)(jnp.broadcast_to(x, shape), axis=axis, **full))
+                  for axis in (-1, None)]
+        grads = [jax.grad(total)(x, kw, broadcast) for broadcast in (False, True)]
+        return values, grads
+
+    values, (got_grad, want_grad) = run(x, kw)
+    for got, want in values:
+        assert got.shape == want.shape
+        chex.assert_trees_all_close(got, want, **TOL[F32])
+    # The gradient sums over the broadcast copies, as for an explicit broadcast.
+    chex.assert_trees_all_close(got_grad, want_grad, **TOL[F32])
     assert np.all(np.isfinite(got_grad))
 
 
