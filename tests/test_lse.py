@@ -255,6 +255,7 @@ def test_derivatives_agree(name, shape, axis, masked):
 
     def derivatives(v):  # one compiled function, to keep the test fast
         return {
+            "value": f(v),
             "jacfwd": jax.jacfwd(f)(v),
             "jacrev": jax.jacrev(f)(v),
             "grad": jax.grad(g)(v),
@@ -265,12 +266,12 @@ def test_derivatives_agree(name, shape, axis, masked):
         }
 
     d = fast_jit(derivatives)(x)  # compared with tolerances: compiled fast (helpers.fast_jit)
-    assert all(np.all(np.isfinite(v)) for v in d.values())
+    assert all(np.all(np.isfinite(v)) for k, v in d.items() if k != "value")
     chex.assert_trees_all_close(d["jacfwd"], d["jacrev"], strict=True, **TOL[F32])
     # grad = J^T t (the -inf outputs of masked log_softmax carry no weight)
-    weights = jnp.where(jnp.isfinite(f(x)), t, 0.0)
+    weights = np.where(np.isfinite(d["value"]), t, np.float32(0))
     chex.assert_trees_all_close(
-        d["grad"], jnp.tensordot(weights, d["jacrev"], axes=t.ndim), jax.grad(g)(x),
+        d["grad"], np.tensordot(weights, d["jacrev"], axes=t.ndim), jax.grad(g)(x),  # eager
         strict=True, **TOL[F32],
     )
     hess = d["hessian"]
@@ -572,21 +573,22 @@ def test_where_excluded_entries_take_no_part(name, excluded):
     def pick(a):  # the kept columns of every input axis (and output axis, but for logsumexp)
         return a[..., cols] if name == "logsumexp" else a[:, cols][..., cols]
 
-    out = f(x)
+    @fast_jit  # one program; its results are compared with each other (helpers.fast_jit)
+    def run(x, kept):
+        jacobians = [(jac(f)(x), jac(f_kept)(kept)) for jac in (jax.jacfwd, jax.jacrev)]
+        return f(x), f_kept(kept), jacobians, jax.hessian(f)(x[0]), jax.hessian(f_kept)(kept[0])
+
+    out, out_kept, jacobians, h, h_kept = run(x, kept)
     if name == "logsumexp":
-        chex.assert_trees_all_close(out, f_kept(kept), strict=True)
+        chex.assert_trees_all_close(out, out_kept, strict=True)
     else:
-        chex.assert_trees_all_close(out[:, cols], f_kept(kept), strict=True)
+        chex.assert_trees_all_close(out[:, cols], out_kept, strict=True)
         fill = -INF if name == "log_softmax" else 0.0
         np.testing.assert_array_equal(out[:, gone], np.full((2, 2), fill, np.float32))
-    # the derivative programs are compared with tolerances: compiled with helpers.fast_jit
-    for jac in (jax.jacfwd, jax.jacrev):
-        j = fast_jit(jac(f))(x)
+    for j, j_kept in jacobians:
         assert np.all(np.isfinite(j))
         np.testing.assert_array_equal(j[..., gone], np.zeros_like(j[..., gone]))
-        chex.assert_trees_all_close(pick(j), fast_jit(jac(f_kept))(kept), strict=True,
-                                    **TOL[F32])
-    h, h_kept = fast_jit(jax.hessian(f))(x[0]), fast_jit(jax.hessian(f_kept))(kept[0])
+        chex.assert_trees_all_close(pick(j), j_kept, strict=True, **TOL[F32])
     assert np.all(np.isfinite(h))
     assert not np.any(h[..., gone])
     sel = np.ix_(cols, cols) if name == "logsumexp" else np.ix_(cols, cols, cols)
