@@ -293,7 +293,7 @@ class Cases:
 # XLA_FLAGS, as an experiment) still passed every test, ulp bounds included. The programs that
 # check rounding, memory or eager dispatch keep the default options, as users' programs do.
 # (Very large programs, such as the PyTorch golden cases of one shape, compile faster with the
-# fusion emitters kept: test_losses uses its own GOLDEN_COMPILE for them.)
+# fusion emitters kept: test_losses asks for ``fast_compile_options(elemental_emitters=False)``.)
 _FAST_COMPILE_BASE: dict[str, Any] = {
     "xla_backend_optimization_level": 0,
     "xla_llvm_disable_expensive_passes": True,
@@ -302,10 +302,13 @@ _ELEMENTAL_EMITTERS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
 
 
 @functools.cache
-def fast_compile_options() -> dict[str, Any]:
-    """The options of ``fast_jit`` that this jaxlib's XLA knows (checked once, on a scalar)."""
+def fast_compile_options(elemental_emitters: bool = True) -> dict[str, Any]:
+    """The options of ``fast_jit`` that this jaxlib's XLA knows (checked once, on a scalar);
+    without the elemental emitters if ``elemental_emitters`` is False."""
     import jax  # only here: the references above do not depend on jax
 
+    if not elemental_emitters:
+        return dict(_FAST_COMPILE_BASE)
     options = {**_FAST_COMPILE_BASE, **_ELEMENTAL_EMITTERS}
     try:
         jax.jit(lambda v: v + 1).lower(np.float32(0)).compile(compiler_options=options)
@@ -331,6 +334,20 @@ def check_grads(f: Callable[..., Any], args: tuple[Any, ...], order: int = 2) ->
     compiled by ``fast_jit`` at the top level. (``check_grads`` itself would trace a jitted
     ``f`` inside its ``vjp``, where a ``jit`` may not carry compiler options, and unjitted it
     dispatches every operation on its own.)
+
+    A rule that is wrong only at second order fails it:
+
+    >>> import jax, jax.numpy as jnp
+    >>> @jax.custom_jvp
+    ... def sin(x):
+    ...     return jnp.sin(x)
+    >>> @sin.defjvp
+    ... def _(primals, tangents):  # cos(x) dx, but stop_gradient drops d(cos)
+    ...     return sin(primals[0]), jax.lax.stop_gradient(jnp.cos(primals[0])) * tangents[0]
+    >>> check_grads(sin, (jnp.asarray([0.3, 1.2]),), order=1)
+    >>> check_grads(sin, (jnp.asarray([0.3, 1.2]),), order=2)
+    Traceback (most recent call last):
+    AssertionError: ...
     """
     import jax
     from jax.test_util import check_jvp, check_vjp

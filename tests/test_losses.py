@@ -72,7 +72,6 @@ ULP_BOUND = 4.0
 # off, which roughly halves the compile time and leaves every value and gradient unchanged.
 # helpers.fast_jit also turns XLA:CPU's fusion emitters off, which is slower for programs
 # this large (one shape's 15 cases: 1.77 s instead of 1.61 s; 2.05 s with default options).
-GOLDEN_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def loss_and_grad_traced(f: Callable[[jax.Array], jax.Array], x: Any) -> tuple[Any, Any]:
@@ -348,7 +347,8 @@ def test_matches_torch_golden(x64, shape):
         return [loss_and_grad_traced(lambda u, f=f, a=a: f(u, a[1], a[2]), a[0])
                 for f, a in zip(losses, all_args, strict=True)]
 
-    compiled = jax.jit(every_case).lower(args).compile(compiler_options=GOLDEN_COMPILE)
+    compiled = jax.jit(every_case).lower(args).compile(
+        compiler_options=fast_compile_options(elemental_emitters=False))
     cases = Cases()
     for i, (loss, grad) in zip(ids, compiled(args), strict=True):
         with cases.case(_golden_id(i, GOLDEN_META[i])):
@@ -456,7 +456,7 @@ def test_matches_optax(request, dtype, shape, soft):
         labels = _int_labels(shape[:-1], shape[-1], seed=shape[-1])
         ref_fn = optax.softmax_cross_entropy_with_integer_labels
 
-    @fast_jit  # compared with tolerances (helpers.fast_jit)
+    @fast_jit  # compared with tolerances
     def both(v, y):
         ours = loss_and_grad_traced(lambda u: jaxlse.cross_entropy(u, y, reduction="none"), v)
         theirs = loss_and_grad_traced(lambda u: ref_fn(u, y), v)
@@ -536,7 +536,7 @@ def test_hessian_matches_plain_autodiff(x64, group):
     cases = {name: _grad_case(name, seed=1) for name in names}
     x = cases[names[0]][0]
 
-    @fast_jit  # compared with tolerances (helpers.fast_jit)
+    @fast_jit  # compared with tolerances
     def derivatives(v):
         out = {}
         for name, (_, labels, kw) in cases.items():
@@ -1527,7 +1527,7 @@ def test_tuple_axis_matches_optax(axis, labels_kind):
         batch_axes + axes).reshape(batch + (num_classes,))
     kw = {"label_smoothing": 0.1}
 
-    @fast_jit  # everything below, compiled once (compared with tolerances: helpers.fast_jit)
+    @fast_jit  # everything below, compiled once (compared with tolerances)
     def results(v, y, v_flat, y_flat, ww, ww_shaped):
         lp = jaxlse.log_softmax(v, axis=axes)
         return {

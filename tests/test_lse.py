@@ -265,7 +265,7 @@ def test_derivatives_agree(name, shape, axis, masked):
             "fwd_fwd": jax.jacfwd(jax.jacfwd(g))(v),
         }
 
-    d = fast_jit(derivatives)(x)  # compared with tolerances: compiled fast (helpers.fast_jit)
+    d = fast_jit(derivatives)(x)  # compared with tolerances
     assert all(np.all(np.isfinite(v)) for k, v in d.items() if k != "value")
     chex.assert_trees_all_close(d["jacfwd"], d["jacrev"], strict=True, **TOL[F32])
     # grad = J^T t (the -inf outputs of masked log_softmax carry no weight)
@@ -407,7 +407,7 @@ def test_values_match_jax_nn(name, dtype):
         specs = VALUE_DTYPES[dtype]
         inputs = [_value_inputs(dtype, shape, axis) for shape, axis in specs]
 
-        @fast_jit  # compared with tolerances (helpers.fast_jit)
+        @fast_jit  # compared with tolerances
         def every_case(all_inputs):
             return [(_our_values(name, x, axis, w, b), _jax_nn_values(name, dtype, x, axis, w, b))
                     for (_, axis), (x, w, b) in zip(specs, all_inputs, strict=True)]
@@ -573,7 +573,7 @@ def test_where_excluded_entries_take_no_part(name, excluded):
     def pick(a):  # the kept columns of every input axis (and output axis, but for logsumexp)
         return a[..., cols] if name == "logsumexp" else a[:, cols][..., cols]
 
-    @fast_jit  # one program; its results are compared with each other (helpers.fast_jit)
+    @fast_jit  # one program; its results are compared with each other
     def run(x, kept):
         jacobians = [(jac(f)(x), jac(f_kept)(kept)) for jac in (jax.jacfwd, jax.jacrev)]
         return f(x), f_kept(kept), jacobians, jax.hessian(f)(x[0]), jax.hessian(f_kept)(kept[0])
