@@ -44,6 +44,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxlse
+from jaxlse import _rowstats
 
 F16, BF16, F32, F64 = (jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
 NAMES = ("logsumexp", "log_softmax", "softmax")
@@ -889,8 +890,9 @@ def _log_softmax_value_and_grad(v: jax.Array, t: jax.Array) -> tuple[jax.Array, 
 
 
 # (rows, dominated): the exact pass sums the rows that need it one at a time when they are at
-# most 1/8 of the batch (37 // 8 = 4 here), and reads every row otherwise; row counts that 8
-# does not divide, and batches of fewer than 8 rows, which never loop.
+# most 1/8 of the batch (37 // 8 = 4 here) and the batch has 2**17 entries or more, and reads
+# every row otherwise; row counts that 8 does not divide, and batches of fewer than 8 rows,
+# which never loop.
 FEW_ROWS_CASES = [(37, 1), (37, 4), (37, 5), (37, 37), (8, 1), (7, 1)]
 
 
@@ -901,12 +903,12 @@ def test_log_softmax_exact_pass_some_rows(rows, dominated, n):
     reads them (one at a time or all rows), as are the others; in the forward pass, in the
     custom JVP rule (value_and_grad's value), with a leading batch axis and one row at a
     time."""
-    if n > 300 and rows < 37:
-        pytest.skip("the long rows are only for the batch of 37")
     x = _dominated_batch(rows, n, dominated, seed=rows + dominated)
     ref = ref_log_softmax(x)
-    # The three-way choice (no row, a few rows, every row) exists from 8 rows on.
-    assert (3 in cond_branches(jaxlse.log_softmax, x)) == (rows >= 8)
+    # The three-way choice (no row, a few rows, every row) exists from 8 rows and 2**17 entries
+    # on (_rowstats._FEW_MIN_SIZE): with n = 300 every row is read, with n = 28400 a few may be.
+    few = rows >= 8 and x.size >= _rowstats._FEW_MIN_SIZE
+    assert (3 in cond_branches(jaxlse.log_softmax, x)) == few
     out = jax.jit(jaxlse.log_softmax)(jnp.asarray(x))
     err = ulp_error(out, ref)
     assert err.max() <= ULP_BOUND[F32], err.max()
