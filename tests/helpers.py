@@ -324,16 +324,24 @@ def fast_jit(fn: Callable[..., Any], **jit_kwargs: Any) -> Any:
     return jax.jit(fn, compiler_options=fast_compile_options(), **jit_kwargs)
 
 
-def check_grads(f: Callable[..., Any], args: tuple[Any, ...], order: int = 2) -> None:
-    """``jax.test_util.check_grads(f, args, order, modes=("fwd", "rev"))``, compiled.
+def _leaf_key(leaf: Any) -> tuple[Any, ...]:
+    a = np.asarray(leaf)
+    return (type(leaf).__name__, a.dtype.str, a.shape, a.tobytes())
 
-    The same checks in the same order, with the same tolerances and random directions: it
-    recurses as ``check_grads`` does (the forward derivative ``jvp(f)`` and the reverse one
-    ``vjp(f)(f(x))`` of each function, to ``order``) and calls jax's own ``check_jvp`` and
-    ``check_vjp`` on each; but ``f``, each ``jvp`` and each ``vjp`` it evaluates is one program
-    compiled by ``fast_jit`` at the top level. (``check_grads`` itself would trace a jitted
-    ``f`` inside its ``vjp``, where a ``jit`` may not carry compiler options, and unjitted it
-    dispatches every operation on its own.)
+
+def check_grads(f: Callable[..., Any], args: tuple[Any, ...], order: int = 2) -> None:
+    """``jax.test_util.check_grads(f, args, order, modes=("fwd", "rev"))`` in one program.
+
+    jax's own ``check_jvp`` and ``check_vjp`` make every check, in ``check_grads``' order and
+    recursion (the forward derivative ``jvp(g)`` and the reverse one ``vjp(g)(g(x))`` of each
+    function ``g``, to ``order``), with their tolerances, random directions and finite
+    differences. Only the evaluations they ask for are batched: the checks run twice. The first
+    run records every evaluation (``g`` at a point, ``jvp(g)``, ``vjp(g)`` and its pullback),
+    answered with zeros of the right shapes and dtypes; the unique ones are then computed
+    together by one program compiled by ``fast_jit``; the second run, which makes the same calls
+    in the same order, gets their values and does the real checks. (``check_grads`` itself
+    compiles nothing when ``f`` is not jitted, so it dispatches every operation on its own; with
+    a jitted function per derivative it compiles about twelve programs.)
 
     A rule that is wrong only at second order fails it:
 
@@ -359,16 +367,58 @@ def check_grads(f: Callable[..., Any], args: tuple[Any, ...], order: int = 2) ->
 
         return g_vjp
 
-    def check(g: Callable[..., Any], a: tuple[Any, ...], order: int, msg: str) -> None:
-        g_jit = fast_jit(g)
-        fwd_msg = f"JVP of {msg}" if msg else "JVP"
-        check_jvp(g_jit, fast_jit(functools.partial(jax.jvp, g)), a, err_msg=fwd_msg)
-        if order > 1:
-            check(functools.partial(jax.jvp, g), (a, a), order - 1, fwd_msg)
-        rev_msg = f"VJP of {msg}" if msg else "VJP"
-        pullback = fast_jit(lambda primals, ct: jax.vjp(g, *primals)[1](ct))
-        check_vjp(g_jit, lambda *p: (g_jit(*p), lambda ct: pullback(p, ct)), a, err_msg=rev_msg)
-        if order > 1:
-            check(reverse(g), a, order - 1, rev_msg)
+    def evaluate(g: Callable[..., Any], kind: str, inputs: tuple[Any, ...]) -> Any:
+        if kind == "f":
+            return g(*inputs)
+        if kind == "jvp":
+            return jax.jvp(g, *inputs)
+        primals, ct = inputs  # "pullback"
+        return jax.vjp(g, *primals)[1](ct)
 
-    check(f, tuple(args), order, "")
+    def run(answer: Callable[[int, Callable[..., Any], str, tuple[Any, ...]], Any]) -> None:
+        node = iter(range(1 << 30))  # the functions checked, numbered in the order they come
+
+        def check(g: Callable[..., Any], a: tuple[Any, ...], order: int, msg: str) -> None:
+            n = next(node)
+            fwd_msg = f"JVP of {msg}" if msg else "JVP"
+            check_jvp(lambda *p: answer(n, g, "f", p),
+                      lambda p, t: answer(n, g, "jvp", (p, t)), a, err_msg=fwd_msg)
+            if order > 1:
+                check(functools.partial(jax.jvp, g), (a, a), order - 1, fwd_msg)
+            rev_msg = f"VJP of {msg}" if msg else "VJP"
+
+            def g_vjp(*p: Any) -> Any:
+                return answer(n, g, "f", p), lambda ct: answer(n, g, "pullback", (p, ct))
+
+            check_vjp(lambda *p: answer(n, g, "f", p), g_vjp, a, err_msg=rev_msg)
+            if order > 1:
+                check(reverse(g), a, order - 1, rev_msg)
+
+        check(f, tuple(args), order, "")
+
+    slots: dict[tuple[Any, ...], int] = {}  # (node, kind, inputs' bytes) -> index in `todo`
+    todo: list[tuple[Callable[..., Any], str, tuple[Any, ...]]] = []
+    shapes: dict[tuple[int, str], Any] = {}  # (node, kind) -> the answer's shapes and dtypes
+
+    def record(n: int, g: Callable[..., Any], kind: str, inputs: tuple[Any, ...]) -> Any:
+        leaves, treedef = jax.tree.flatten(inputs)
+        key = (n, kind, treedef, *map(_leaf_key, leaves))
+        if key not in slots:
+            slots[key] = len(todo)
+            todo.append((g, kind, inputs))
+        if (n, kind) not in shapes:
+            shapes[n, kind] = jax.eval_shape(lambda i: evaluate(g, kind, i), inputs)
+        return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes[n, kind])
+
+    run(record)
+    values = jax.device_get(fast_jit(
+        lambda inputs: [evaluate(g, kind, i) for (g, kind, _), i in zip(todo, inputs, strict=True)]
+    )([i for _, _, i in todo]))
+
+    def replay(n: int, g: Callable[..., Any], kind: str, inputs: tuple[Any, ...]) -> Any:
+        leaves, treedef = jax.tree.flatten(inputs)
+        key = (n, kind, treedef, *map(_leaf_key, leaves))
+        assert key in slots, f"check_grads: evaluation {kind} of function {n} was not recorded"
+        return values[slots[key]]
+
+    run(replay)
