@@ -570,11 +570,11 @@ def _exact_log_sum(
 
     ``ops`` is ``(x, m[, mask], need, total, base)``; the first ``nargs`` are the reduction's
     operands. Rows that do not need it keep ``base`` (``log(S)``), and ``t_tiny`` is 0 there.
-    The rounding of the terms is corrected (TwoSum) only for rows below ``_TWO_SUM_BELOW``, and
-    only if ``two_sum_rows`` (16-bit results are too coarse for it to show). A few rows that
-    need the pass are summed alone, with it; among more rows, a few that need the correction
-    get it in a loop after the plain pass, and if more need it every row is summed with it
-    (one pass either way).
+    The rounding of the terms is corrected (TwoSum) only if ``two_sum_rows`` (16-bit results are
+    too coarse for it to show), and in inputs of ``_FEW_MIN_SIZE`` entries or more only for rows
+    below ``_TWO_SUM_BELOW``. A few rows that need the pass are summed alone, with it; among
+    more rows, a few that need the correction get it in a loop after the plain pass, and if
+    more need it every row is summed with it (one pass either way).
     """
     args, (need, total, base) = ops[:nargs], ops[nargs:]
     tiny = jnp.finfo(total.dtype).tiny
