@@ -120,8 +120,10 @@ def _program(name: str) -> Callable[..., tuple[jax.Array, ...]]:
             "jacrev(jacfwd)": jax.jacrev(jax.jacfwd(flat))(x),
             "jacfwd(jacfwd)": jax.jacfwd(jax.jacfwd(flat))(x),
         }
-        f_steps = jax.vmap(lambda s: flat(x + s))(steps)
-        f_pairs = jax.vmap(lambda s: flat(x + s))(pairs)
+        # f at every perturbed point, one at a time in a loop: the function itself (not its
+        # batching rule), compiled once (two vmaps made the program 1.4-2x slower to compile)
+        f_points = jax.lax.map(lambda s: flat(x + s), jnp.concatenate([steps, pairs]))
+        f_steps, f_pairs = f_points[: len(steps)], f_points[len(steps) :]
         return value, cotangent, jvp, vjp, second, f_steps, f_pairs
 
     return fast_jit(run).lower(*_args()).compile()
