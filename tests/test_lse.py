@@ -168,8 +168,10 @@ def test_vmap_over_x_and_where_matches_loop(name):
                 return _call(name, v, axis, where=m)
 
             got = jax.vmap(f, in_axes=in_axes)(_batched(x, in_axes[0]), _batched(w, in_axes[1]))
-            want = _stack([f(_example(x, in_axes[0], i), _example(w, in_axes[1], i))
-                           for i in range(3)])
+            # the loop: lax.map over the examples (f compiled once, not three times)
+            examples = [a if ax is not None else jnp.broadcast_to(a[0], a.shape)
+                        for a, ax in zip((x, w), in_axes, strict=True)]
+            want = jax.lax.map(lambda ex, f=f: f(*ex), examples)
             out.append((got, want))
         return out
 
