@@ -342,9 +342,9 @@ def check_grads(f: Callable[..., Any], args: tuple[Any, ...], order: int = 2) ->
     (it is large; measured with jax 0.10.2, this suite's check_grads tests take 29.2 s with
     it, 30.9 s with ``fast_jit``'s options and 33.3 s with a program per derivative); the
     second run, which makes the same calls in the same order, gets their values and does the
-    real checks. (``check_grads`` itself
-    compiles nothing when ``f`` is not jitted, so it dispatches every operation on its own; with
-    a jitted function per derivative it compiles about twelve programs.)
+    real checks. (``check_grads`` itself compiles nothing when ``f`` is not jitted, so it
+    dispatches every operation on its own; with a jitted function per derivative it compiles
+    about twelve programs.)
 
     A rule that is wrong only at second order fails it:
 
