@@ -403,11 +403,14 @@ def check_grads(f: Callable[..., Any], args: tuple[Any, ...], order: int = 2) ->
     todo: list[tuple[Callable[..., Any], str, tuple[Any, ...]]] = []
     shapes: dict[int, Any] = {}  # node -> the shapes and dtypes of its function's value
 
-    def record(n: int, g: Callable[..., Any], kind: str, inputs: tuple[Any, ...]) -> Any:
+    def key(n: int, kind: str, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         leaves, treedef = jax.tree.flatten(inputs)
-        key = (n, kind, treedef, *map(_leaf_key, leaves))
-        if key not in slots:
-            slots[key] = len(todo)
+        return (n, kind, treedef, *map(_leaf_key, leaves))
+
+    def record(n: int, g: Callable[..., Any], kind: str, inputs: tuple[Any, ...]) -> Any:
+        k = key(n, kind, inputs)
+        if k not in slots:
+            slots[k] = len(todo)
             todo.append((g, kind, inputs))
         if kind == "pullback":  # a cotangent of each primal
             return jax.tree.map(lambda p: np.zeros(np.shape(p), np.asarray(p).dtype), inputs[0])
@@ -425,9 +428,8 @@ def check_grads(f: Callable[..., Any], args: tuple[Any, ...], order: int = 2) ->
         compiler_options=fast_compile_options(elemental_emitters=False))(inputs))
 
     def replay(n: int, g: Callable[..., Any], kind: str, inputs: tuple[Any, ...]) -> Any:
-        leaves, treedef = jax.tree.flatten(inputs)
-        key = (n, kind, treedef, *map(_leaf_key, leaves))
-        assert key in slots, f"check_grads: evaluation {kind} of function {n} was not recorded"
-        return values[slots[key]]
+        k = key(n, kind, inputs)
+        assert k in slots, f"check_grads: evaluation {kind} of function {n} was not recorded"
+        return values[slots[k]]
 
     run(replay)

@@ -169,9 +169,9 @@ def test_vmap_over_x_and_where_matches_loop(name):
 
             got = jax.vmap(f, in_axes=in_axes)(_batched(x, in_axes[0]), _batched(w, in_axes[1]))
             # the loop: lax.map over the examples (f compiled once, not three times)
-            examples = [a if ax is not None else jnp.broadcast_to(a[0], a.shape)
-                        for a, ax in zip((x, w), in_axes, strict=True)]
-            want = jax.lax.map(lambda ex, f=f: f(*ex), examples)
+            want = jax.lax.map(lambda i, f=f, ax=in_axes: f(_example(x, ax[0], i),
+                                                            _example(w, ax[1], i)),
+                               jnp.arange(3))
             out.append((got, want))
         return out
 
