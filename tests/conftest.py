@@ -10,8 +10,9 @@ its int32 step count with Python floats, for one). A test that drives such code 
 which runs it under ``jax.numpy_dtype_promotion("standard")``.
 
 The longest test (``test_sharding.py``, a subprocess of about a minute) is collected first, so
-that under README's test command (two xdist workers) it runs while the other worker takes the
-rest, instead of alone at the end (measured: it started at 355 s of a 438 s run).
+that under README's test command (two xdist workers, ``--dist worksteal``: the first worker starts
+with the first half of the tests) it runs while the other worker takes the rest, instead of
+alone at the end (measured: it started at 355 s of a 438 s run).
 """
 
 from __future__ import annotations
