@@ -292,8 +292,8 @@ class Cases:
 # 117-151 ms, and the whole suite under these options (forced on every program through
 # XLA_FLAGS, as an experiment) still passed every test, ulp bounds included. The programs that
 # check rounding, memory or eager dispatch keep the default options, as users' programs do.
-# (Very large programs, such as the PyTorch golden cases of one shape, compile faster with the
-# fusion emitters kept: test_losses asks for ``fast_compile_options(elemental_emitters=False)``.)
+# (Some large programs compile faster with the fusion emitters kept: check_grads below asks
+# for ``fast_compile_options(elemental_emitters=False)``.)
 _FAST_COMPILE_BASE: dict[str, Any] = {
     "xla_backend_optimization_level": 0,
     "xla_llvm_disable_expensive_passes": True,
