@@ -422,10 +422,10 @@ def check_grads(f: Callable[..., Any], args: tuple[Any, ...], order: int = 2) ->
     run(record)
     inputs = [i for _, _, i in todo]
     program = jax.jit(
-        lambda inputs: [evaluate(g, kind, i) for (g, kind, _), i in zip(todo, inputs, strict=True)]
+        lambda inputs: [evaluate(g, kind, i) for (g, kind, _), i in zip(todo, inputs, strict=True)],
+        compiler_options=fast_compile_options(elemental_emitters=False),
     )
-    values = jax.device_get(program.lower(inputs).compile(
-        compiler_options=fast_compile_options(elemental_emitters=False))(inputs))
+    values = jax.device_get(program(inputs))
 
     def replay(n: int, g: Callable[..., Any], kind: str, inputs: tuple[Any, ...]) -> Any:
         k = key(n, kind, inputs)
