@@ -20,7 +20,8 @@ Run from the repository root::
 
 With ``--processes 2`` the script starts two copies of itself, each with 4 CPU devices, which
 join through ``jax.distributed.initialize`` on 127.0.0.1 (CPU collectives over gloo) into one
-8-device mesh; each prints its own devices' shards, and process 0 prints the comparison.
+8-device mesh; each reports its own devices' shards, process 0 the comparison, and the launcher
+prints their reports one after the other.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 DEVICES = 8
@@ -76,26 +78,40 @@ def _free_port() -> int:
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
-    """Starts ``--processes`` copies of this script (4 devices each) and waits for them."""
+    """Starts ``--processes`` copies of this script (4 devices each), waits for them, then prints
+    each one's standard output whole, in process order.
+
+    The copies write to files of their own rather than to this process's stdout: two processes
+    writing to one pipe interleave their text mid-line.
+    """
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // 2}")
+    outs = [tempfile.TemporaryFile(mode="w+") for _ in range(args.processes)]
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, *argv, "--process-id", str(i), "--port", str(port)],
-            env=env,
+            env=env, stdout=out,
         )
-        for i in range(args.processes)
+        for i, out in enumerate(outs)
     ]
     deadline = time.monotonic() + args.timeout
     status = 0
-    for p in procs:
-        try:
-            status = status or p.wait(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            print(f"error: stopped after {args.timeout} s", file=sys.stderr)
-            for q in procs:
-                q.kill()
-            return 1
+    try:
+        for p in procs:
+            try:
+                status = status or p.wait(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                print(f"error: stopped after {args.timeout} s", file=sys.stderr)
+                for q in procs:
+                    q.kill()
+                status = 1
+                break
+    finally:
+        for out in outs:
+            out.seek(0)
+            sys.stdout.write(out.read())
+            out.close()
+        sys.stdout.flush()
     return status
 
 

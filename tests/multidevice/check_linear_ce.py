@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -219,5 +220,10 @@ def test_sharded_lm_head_example(processes: int) -> None:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("8 devices", "one device"))]
     assert len(lines) == 2, out
     assert lines[0].split()[-3:] == lines[1].split()[-3:] or "agree" in proc.stdout
+    # Every device reports its slice of w on a line of its own (the launcher relays each
+    # process's output whole, so the two processes' lines never run into each other).
     held = [ln for ln in proc.stdout.splitlines() if ": w[" in ln]
-    assert len(held) == 8, out  # every device reports its slice of w
+    assert len(held) == 8, out
+    assert all(re.fullmatch(r"process \d cpu:\d+: w\[0:16, \d+:\d+\] \(16, 256\)", ln)
+               for ln in held), out
+    assert len({ln.split()[2] for ln in held}) == 8, out  # eight distinct devices
