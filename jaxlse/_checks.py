@@ -15,8 +15,10 @@ was received.
 from __future__ import annotations
 
 import functools
+import inspect
 import operator
 from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 Axis = int | Sequence[int] | None
+F = TypeVar("F", bound=Callable[..., Any])
 
 _LOW_PRECISION = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
@@ -203,3 +206,81 @@ def jit_core(core: Callable[..., jax.Array], static: int = 1) -> Callable[..., j
     it is inlined.
     """
     return jax.jit(core, static_argnums=tuple(range(static)))
+
+
+def _is_scalar(v: object) -> bool:
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+
+
+def eager_jit(
+    static: tuple[str, ...] = (),
+    before: Callable[[dict[str, Any]], None] | None = None,
+    after: Callable[[dict[str, Any]], None] | None = None,
+) -> Callable[[F], F]:
+    """Runs an eager call of a public function as one compiled program.
+
+    Called on concrete arrays, a function's body would run its operations one at a time: a
+    loss with options dispatches some twenty small programs, each compiled on its first use.
+    Instead an eager call is traced under :func:`jax.jit`, once per shape, dtype and set of
+    options, with these arguments dynamic:
+
+    * JAX and NumPy arrays, and NumPy and Python numbers other than 0 (so that a changing
+      ``label_smoothing`` does not recompile);
+
+    and static: the parameters named in ``static``, ``None``, ``bool`` flags, strings, tuples,
+    and a scalar 0 (the body's fast paths for an option that is off stay). A call with a traced
+    argument (inside ``jit``, ``grad``, ``vmap``, ``shard_map``) runs the body as it is, and
+    so does a call with an argument of another kind (a list, a non-numeric array), which keeps
+    the body's own conversions and error messages.
+
+    Inside the program the arrays are tracers, so checks of values see none. ``before`` and
+    ``after`` take the call's arguments (by name, defaults applied) and run such checks on the
+    concrete values: ``before`` ahead of tracing, ``after`` once the trace has passed the
+    body's checks of shapes and types (an out-of-range label raises after a shape error would).
+    """
+
+    def decorate(fn: F) -> F:
+        sig = inspect.signature(fn)
+        programs: dict[tuple[str, ...], Callable[..., Any]] = {}
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            names = []
+            for name, v in arguments.items():
+                if isinstance(v, jax.core.Tracer):
+                    return fn(*args, **kwargs)
+                if name in static or v is None or isinstance(v, (bool, str)):
+                    hashable = True
+                elif isinstance(v, (jax.Array, np.ndarray)):
+                    if not (jnp.issubdtype(v.dtype, jnp.number) or v.dtype == np.bool_):
+                        return fn(*args, **kwargs)
+                    continue
+                elif _is_scalar(v):
+                    if v != 0:
+                        continue
+                    hashable = True
+                else:
+                    hashable = isinstance(v, tuple)
+                try:
+                    hash(v)
+                except TypeError:
+                    hashable = False
+                if not hashable:
+                    return fn(*args, **kwargs)
+                names.append(name)
+            key = tuple(names)
+            if key not in programs:
+                programs[key] = jax.jit(fn, static_argnames=key)
+            if before is not None:
+                before(arguments)
+            out = programs[key](**arguments)
+            if after is not None:
+                after(arguments)
+            return out
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -49,7 +49,7 @@ from jax.typing import ArrayLike
 
 # The jaxlse internals this module uses, all here (argument checks and reductions are those of
 # cross_entropy, so that options, dtypes and error messages agree).
-from ._checks import as_float_array, compute_dtype, nan_where, promoted_float
+from ._checks import as_float_array, compute_dtype, eager_jit, nan_where, promoted_float
 from ._losses import (
     Reduction,
     _concrete,
@@ -57,6 +57,8 @@ from ._losses import (
     _pick_across,
     _prepare,
     _reduce_loss,
+    check_options,
+    eager_label_check,
 )
 from ._sharding import AxisName, axis_size, class_offset, combine, on_mesh
 
@@ -530,6 +532,12 @@ def _prepare_traced(shape, dtype, ignore_index, reduction, shards):
 
 
 @on_mesh(lambda args, ndim: (ndim - 1,))
+@eager_jit(
+    ("ignore_index", "reduction", "chunk_size", "axis_name"),
+    before=lambda a: check_options(_FN, a["label_smoothing"], a["z_loss"], a["soft_cap"]),
+    after=lambda a: eager_label_check(_FN, a["labels"], a["where"], a["ignore_index"],
+                                      np.shape(a["w"])[1]),
+)
 def linear_cross_entropy(
     x: ArrayLike,
     w: ArrayLike,
@@ -636,29 +644,16 @@ def linear_cross_entropy(
       >>> w = jnp.array([[2.0, 0.0, 1.0], [0.0, 1.0, -1.0]])
       >>> labels = jnp.array([0, 1, 2])
       >>> jaxlse.linear_cross_entropy(x, w, labels, chunk_size=2)
-      Array(0.9860478, dtype=float32)
+      Array(0.98604786, dtype=float32)
       >>> jaxlse.cross_entropy(x @ w, labels)
-      Array(0.9860478, dtype=float32)
+      Array(0.98604786, dtype=float32)
 
     See also:
       :func:`cross_entropy`, :func:`optax.softmax_cross_entropy_with_integer_labels`,
       Cut Cross-Entropy (Wijmans et al., 2024) and Liger Kernel's fused linear cross-entropy
       for PyTorch.
     """
-    for name, value, lo, hi in (("label_smoothing", label_smoothing, 0.0, 1.0),
-                                ("z_loss", z_loss, 0.0, np.inf)):
-        if _concrete(value):
-            v = np.asarray(value)
-            if v.shape != () or not np.issubdtype(v.dtype, np.number):
-                raise ValueError(f"{_FN}: `{name}` must be a real scalar, got {value!r}")
-            if not lo <= float(v) <= hi:
-                bound = "[0, 1]" if hi == 1.0 else ">= 0"
-                raise ValueError(f"{_FN}: `{name}` must be in {bound}, got {float(v)}")
-    if soft_cap is not None and _concrete(soft_cap):
-        if np.asarray(soft_cap).shape != () or not float(soft_cap) > 0:
-            raise ValueError(
-                f"{_FN}: `soft_cap` must be a positive scalar or None, got {soft_cap!r}"
-            )
+    check_options(_FN, label_smoothing, z_loss, soft_cap)
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
             raise TypeError(f"{_FN}: `chunk_size` must be an int or None, got {chunk_size!r}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Literal
 
@@ -32,7 +32,14 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from ._checks import as_float_array, compute_dtype, jit_core, nan_where, normalize_axes
+from ._checks import (
+    as_float_array,
+    compute_dtype,
+    eager_jit,
+    jit_core,
+    nan_where,
+    normalize_axes,
+)
 from ._rowstats import (
     inv_sum,
     keeps_exp,
@@ -48,6 +55,8 @@ from ._sharding import AxisName, axis_size, class_offset, global_stats, local_pi
 
 Reduction = Literal["none", "sum", "mean"]
 _REDUCTIONS = ("none", "sum", "mean")
+# The options that shape a loss's program (static under eager_jit); the arrays are dynamic.
+_LOSS_STATIC = ("axis", "ignore_index", "reduction", "axis_name")
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,19 +220,92 @@ def _prepare(
         if not soft and jnp.iinfo(lab.dtype).min <= ignore_index <= jnp.iinfo(lab.dtype).max:
             counted = counted & (lab != ignore_index)
     if not soft and _concrete(lab) and _concrete(counted):
-        lab_np, counted_np = np.asarray(lab), np.asarray(counted)
-        total = num_classes * shards
-        bad = counted_np & ((lab_np < 0) | (lab_np >= total))
-        if bad.any():
-            pos = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(
-                f"{fn}: label {int(lab_np[pos])} at position {pos} is out of range for "
-                f"{total} classes (expected 0 <= label < {total}"
-                + (f" or label == ignore_index ({ignore_index})" if ignore_index is not None
-                   else "")
-                + ")"
-            )
+        check_label_range(fn, np.asarray(lab), np.asarray(counted), num_classes * shards,
+                          ignore_index)
     return arr, lab, soft, w, counted, out_dtype
+
+
+def check_label_range(
+    fn: str, labels: np.ndarray, counted: np.ndarray, total: int, ignore_index: int | None
+) -> None:
+    """Raises for the first counted integer label outside ``[0, total)`` (concrete labels)."""
+    bad = counted & ((labels < 0) | (labels >= total))
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{fn}: label {int(labels[pos])} at position {pos} is out of range for "
+            f"{total} classes (expected 0 <= label < {total}"
+            + (f" or label == ignore_index ({ignore_index})" if ignore_index is not None
+               else "")
+            + ")"
+        )
+
+
+def eager_label_check(
+    fn: str, labels: ArrayLike, where: ArrayLike | None, ignore_index: int | None, total: int
+) -> None:
+    """:func:`check_label_range` for an eager call, from the concrete arguments themselves.
+
+    Called by :func:`eager_jit` once the traced body has accepted their shapes and dtypes, so
+    it repeats only ``_prepare``'s conversions: labels at least 32 bits wide, ``where``
+    broadcast to the batch shape, and ``ignore_index`` (where the labels' dtype can hold it).
+    """
+    lab = np.asarray(labels)
+    lab = lab.astype(jax.dtypes.canonicalize_dtype(lab.dtype), copy=False)  # as jax.Array
+    if not np.issubdtype(lab.dtype, np.integer):
+        return  # soft labels
+    if lab.dtype.itemsize < 4:
+        lab = lab.astype(np.int32)
+    counted = np.ones(lab.shape, bool)
+    if where is not None:
+        counted = counted & np.broadcast_to(np.asarray(where), lab.shape)
+    if ignore_index is not None:
+        ignore_index = operator.index(ignore_index)
+        if np.iinfo(lab.dtype).min <= ignore_index <= np.iinfo(lab.dtype).max:
+            counted = counted & (lab != ignore_index)
+    check_label_range(fn, lab, counted, total, ignore_index)
+
+
+def check_options(
+    fn: str, label_smoothing: object, z_loss: object, soft_cap: object
+) -> None:
+    """Checks ``label_smoothing``, ``z_loss`` and ``soft_cap`` where they are concrete.
+
+    Raises:
+      ValueError: for a non-scalar, ``label_smoothing`` outside [0, 1], a negative ``z_loss``
+        or a non-positive ``soft_cap``.
+    """
+    for name, value, lo, hi in (("label_smoothing", label_smoothing, 0.0, 1.0),
+                                ("z_loss", z_loss, 0.0, np.inf)):
+        if _concrete(value):
+            v = np.asarray(value)
+            if v.shape != () or not np.issubdtype(v.dtype, np.number):
+                raise ValueError(f"{fn}: `{name}` must be a real scalar, got {value!r}")
+            if not lo <= float(v) <= hi:
+                bound = "[0, 1]" if hi == 1.0 else ">= 0"
+                raise ValueError(f"{fn}: `{name}` must be in {bound}, got {float(v)}")
+    if soft_cap is not None and _concrete(soft_cap):
+        if np.asarray(soft_cap).shape != () or not float(soft_cap) > 0:
+            raise ValueError(
+                f"{fn}: `soft_cap` must be a positive scalar or None, got {soft_cap!r}"
+            )
+
+
+def _num_classes(args: dict) -> int:
+    """The number of classes of a loss's scores, from the call's arguments (shapes checked)."""
+    shape = np.shape(args[next(iter(args))])
+    axes = _class_dims(args, len(shape))
+    return math.prod(shape[a] for a in axes)
+
+
+def _after_loss(fn: str) -> Callable[[dict], None]:
+    """For :func:`eager_jit`: the eager label check of ``nll_loss`` or ``cross_entropy``."""
+
+    def after(args: dict) -> None:
+        eager_label_check(fn, args["labels"], args["where"], args["ignore_index"],
+                          _num_classes(args))
+
+    return after
 
 
 def _reduce_loss(
@@ -274,6 +356,7 @@ def _pick_jvp(primals, tangents):
 
 
 @on_mesh(_class_dims)
+@eager_jit(_LOSS_STATIC, after=_after_loss("nll_loss"))
 def nll_loss(
     log_probs: ArrayLike,
     labels: ArrayLike,
@@ -719,6 +802,12 @@ def _ce_x_jvp(
 
 
 @on_mesh(_class_dims)
+@eager_jit(
+    _LOSS_STATIC,
+    before=lambda a: check_options("cross_entropy", a["label_smoothing"], a["z_loss"],
+                                   a["soft_cap"]),
+    after=_after_loss("cross_entropy"),
+)
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -820,20 +909,7 @@ def cross_entropy(
       :func:`optax.softmax_cross_entropy_with_integer_labels`, :func:`nll_loss`.
     """
     fn = "cross_entropy"
-    for name, value, lo, hi in (("label_smoothing", label_smoothing, 0.0, 1.0),
-                                ("z_loss", z_loss, 0.0, np.inf)):
-        if _concrete(value):
-            v = np.asarray(value)
-            if v.shape != () or not np.issubdtype(v.dtype, np.number):
-                raise ValueError(f"{fn}: `{name}` must be a real scalar, got {value!r}")
-            if not lo <= float(v) <= hi:
-                bound = "[0, 1]" if hi == 1.0 else ">= 0"
-                raise ValueError(f"{fn}: `{name}` must be in {bound}, got {float(v)}")
-    if soft_cap is not None and _concrete(soft_cap):
-        if np.asarray(soft_cap).shape != () or not float(soft_cap) > 0:
-            raise ValueError(
-                f"{fn}: `soft_cap` must be a positive scalar or None, got {soft_cap!r}"
-            )
+    check_options(fn, label_smoothing, z_loss, soft_cap)
     shards = 1 if axis_name is None else axis_size(axis_name)
     x, lab, soft, w, counted, out_dtype = _prepare(
         fn, logits, labels, axis, weight, ignore_index, where, reduction, shards

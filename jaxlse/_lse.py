@@ -31,6 +31,7 @@ from ._checks import (
     as_mask,
     broadcast_input,
     compute_dtype,
+    eager_jit,
     jit_core,
     nan_where,
     normalize_axes,
@@ -52,6 +53,9 @@ from ._rowstats import (
     sum_exp,
 )
 from ._sharding import AxisName, global_stats, on_mesh
+
+# The arguments that shape a program (static under eager_jit); the arrays are dynamic.
+_STATIC = ("axis", "keepdims", "return_sign", "axis_name")
 
 
 def _normalize(
@@ -279,6 +283,7 @@ def logsumexp(
 
 
 @on_mesh(_dims("logsumexp"))
+@eager_jit(_STATIC)
 def logsumexp(
     a: ArrayLike,
     axis: Axis = None,
@@ -493,6 +498,7 @@ def _log_softmax_jvp(axes, primals, tangents):
 
 
 @on_mesh(_dims("log_softmax"))
+@eager_jit(_STATIC)
 def log_softmax(
     x: ArrayLike,
     axis: Axis = -1,
@@ -605,6 +611,7 @@ def _softmax_clip_first(
 
 
 @on_mesh(_dims("softmax"))
+@eager_jit(_STATIC)
 def softmax(
     x: ArrayLike,
     axis: Axis = -1,

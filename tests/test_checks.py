@@ -2,7 +2,8 @@
 
 The public functions' errors are tested through the public API in ``test_lse.py``; here each check
 is exercised on its own, including the exact wording that the public errors rely on: every
-message starts with ``"<function>: `<argument>`"``.
+message starts with ``"<function>: `<argument>`"``. ``eager_jit`` is tested on its own and through
+the public functions: an eager call is one compiled program.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxlse
 from jaxlse import _checks
 
 F16, BF16, F32, F64 = (jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
@@ -200,3 +202,110 @@ def test_as_mask_rejects_shape():
 def test_as_mask_rejects_type(where):
     with pytest.raises(TypeError, match=r"^fn: `where` must be a boolean array"):
         _checks.as_mask("fn", where, (3, 4))
+
+
+# --------------------------------------------------------------------------------------------
+# eager_jit: an eager call of a public function is one compiled program
+
+_COMPILED = [0]
+
+
+def _count_compiles(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILED[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+
+def _programs(call) -> int:
+    """The number of programs XLA compiles while ``call()`` runs (and its result is ready)."""
+    start = _COMPILED[0]
+    jax.block_until_ready(call())
+    return _COMPILED[0] - start
+
+
+def test_eager_jit_traces_arrays_and_keeps_options_static():
+    seen = []
+
+    @_checks.eager_jit(("axis",), before=lambda a: seen.append(("before", a["scale"])),
+                       after=lambda a: seen.append(("after", type(a["x"]).__name__)))
+    def f(x, scale=1.0, axis=-1, flag=False):
+        seen.append(("body", isinstance(x, jax.core.Tracer), isinstance(scale, jax.core.Tracer)))
+        return jnp.sum(jnp.asarray(x) * scale, axis=axis) + (1 if flag else 0)
+
+    x = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(f(x, 2.0, axis=0), [6, 10, 14])
+    # traced once, with the array and the non-zero scale as tracers; the checks see values
+    assert seen == [("before", 2.0), ("body", True, True), ("after", "ndarray")]
+    seen.clear()
+    np.testing.assert_array_equal(f(x, 3.0, axis=0), [9, 15, 21])  # same program
+    assert seen == [("before", 3.0), ("after", "ndarray")]
+    seen.clear()
+    # a scalar 0 and a bool are static: the body sees them as Python values
+    np.testing.assert_array_equal(f(x, 0.0, flag=True), [1, 1])
+    assert seen[1] == ("body", True, False)
+    seen.clear()
+    # inside a trace the body runs as it is, and so it does for a list (no program of its own)
+    jax.jit(lambda v: f(v, 2.0))(x)
+    assert seen == [("body", True, False)]
+    seen.clear()
+    np.testing.assert_array_equal(f([[1.0, 2.0]], 2.0), [6])
+    assert seen == [("body", False, False)]
+
+
+X_EAGER = np.random.default_rng(3).standard_normal((3, 37)).astype(np.float32)
+Y_EAGER = np.asarray([4, 36, 0])
+Q_EAGER = np.full((3, 37), 1 / 37, np.float32)
+W_EAGER = np.random.default_rng(4).standard_normal((37, 11)).astype(np.float32)
+EAGER_CALLS = {
+    "logsumexp": lambda x: jaxlse.logsumexp(x, axis=1, b=x - 1, return_sign=True),
+    "log_softmax": lambda x: jaxlse.log_softmax(x, where=x > -1),
+    "softmax": lambda x: jaxlse.softmax(x, axis=0, where=x > -1),
+    "nll_loss": lambda x: jaxlse.nll_loss(x, Y_EAGER, weight=np.linspace(0.5, 1, 37),
+                                          ignore_index=0, where=np.array([1, 1, 0], bool)),
+    "cross_entropy": lambda x: jaxlse.cross_entropy(
+        x, Y_EAGER, weight=np.linspace(0.5, 1, 37), ignore_index=0, label_smoothing=0.1,
+        z_loss=1e-4, soft_cap=30.0, where=np.array([1, 1, 0], bool)),
+    "cross_entropy_soft": lambda x: jaxlse.cross_entropy(x, Q_EAGER),
+    "linear_cross_entropy": lambda x: jaxlse.linear_cross_entropy(
+        x, W_EAGER, Y_EAGER % 11, label_smoothing=0.1, ignore_index=0, chunk_size=4),
+}
+
+
+@pytest.mark.parametrize("name", list(EAGER_CALLS))
+def test_eager_call_is_one_program(name):
+    """Called eagerly, each public function compiles one program for a new shape (jax.nn's
+    logsumexp dispatches a dozen, and these losses did some twenty), and none for new values."""
+    call = EAGER_CALLS[name]
+    assert _programs(lambda: call(X_EAGER)) == 1
+    assert _programs(lambda: call(X_EAGER + 1)) == 0
+    # the program of a user's jit, where the options are constants (so within rounding)
+    for got, want in zip(jax.tree.leaves(call(X_EAGER)), jax.tree.leaves(jax.jit(call)(X_EAGER)),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-7, atol=1e-30)
+
+
+def test_eager_option_values_share_a_program():
+    """A new value of a float option reuses the program; 0 (the option off) has its own."""
+    x = X_EAGER[:, :29]
+    y = Y_EAGER % 29
+
+    def ce(eps):
+        return lambda: jaxlse.cross_entropy(x, y, label_smoothing=eps)
+
+    assert _programs(ce(0.1)) == 1
+    assert _programs(ce(0.2)) == 0
+    assert _programs(ce(0.0)) == 1
+    want = optax_free_smoothed_ce(x, y, 0.2)
+    np.testing.assert_allclose(ce(0.2)(), want, rtol=1e-6)
+
+
+def optax_free_smoothed_ce(x: np.ndarray, y: np.ndarray, eps: float) -> float:
+    """PyTorch's label-smoothed mean cross-entropy, in float64 NumPy."""
+    x = x.astype(np.float64)
+    lsm = x - x.max(1, keepdims=True)
+    lsm = lsm - np.log(np.exp(lsm).sum(1, keepdims=True))
+    q = np.full(x.shape, eps / x.shape[1])
+    q[np.arange(len(y)), y] += 1 - eps
+    return float(np.mean(-(q * lsm).sum(1)))
