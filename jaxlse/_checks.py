@@ -245,7 +245,10 @@ def eager_jit(
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            bound = sig.bind(*args, **kwargs)
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError:
+                return fn(*args, **kwargs)  # Python's own message for a wrong call
             bound.apply_defaults()
             arguments = dict(bound.arguments)
             names = []

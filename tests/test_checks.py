@@ -252,6 +252,9 @@ def test_eager_jit_traces_arrays_and_keeps_options_static():
     seen.clear()
     np.testing.assert_array_equal(f([[1.0, 2.0]], 2.0), [6])
     assert seen == [("body", False, False)]
+    # a wrong call gets Python's own message, naming the function
+    with pytest.raises(TypeError, match=r"f\(\) takes from 1 to 4 positional arguments"):
+        f(x, 1.0, -1, False, None)
 
 
 X_EAGER = np.random.default_rng(3).standard_normal((3, 37)).astype(np.float32)
