@@ -49,7 +49,7 @@ from jax.typing import ArrayLike
 
 # The jaxlse internals this module uses, all here (argument checks and reductions are those of
 # cross_entropy, so that options, dtypes and error messages agree).
-from ._checks import as_float_array, compute_dtype, eager_jit, nan_where, promoted_float
+from ._checks import as_float_array, compute_dtype, jit_public, nan_where, promoted_float
 from ._losses import (
     Reduction,
     _concrete,
@@ -58,7 +58,7 @@ from ._losses import (
     _prepare,
     _reduce_loss,
     check_options,
-    eager_label_check,
+    label_check,
 )
 from ._sharding import AxisName, axis_size, class_offset, combine, on_mesh
 
@@ -531,12 +531,20 @@ def _prepare_traced(shape, dtype, ignore_index, reduction, shards):
     return jax.jit(prepare)
 
 
+def _label_check(args: dict) -> None:
+    """For :func:`jit_public`: out-of-range labels raise when every array argument is concrete
+    (as ``_prepared_labels`` does); under a trace of ``x`` or ``w`` they give NaN."""
+    arrays = ("x", "w", "bias", "labels", "weight", "where")
+    if all(_concrete(args[k]) for k in arrays):
+        label_check(_FN, args["labels"], args["where"], args["ignore_index"],
+                    np.shape(args["w"])[1])
+
+
 @on_mesh(lambda args, ndim: (ndim - 1,))
-@eager_jit(
+@jit_public(
     ("ignore_index", "reduction", "chunk_size", "axis_name"),
     before=lambda a: check_options(_FN, a["label_smoothing"], a["z_loss"], a["soft_cap"]),
-    after=lambda a: eager_label_check(_FN, a["labels"], a["where"], a["ignore_index"],
-                                      np.shape(a["w"])[1]),
+    after=lambda a: _label_check(a),
 )
 def linear_cross_entropy(
     x: ArrayLike,

@@ -35,8 +35,8 @@ from jax.typing import ArrayLike
 from ._checks import (
     as_float_array,
     compute_dtype,
-    eager_jit,
     jit_core,
+    jit_public,
     nan_where,
     normalize_axes,
 )
@@ -55,7 +55,7 @@ from ._sharding import AxisName, axis_size, class_offset, global_stats, local_pi
 
 Reduction = Literal["none", "sum", "mean"]
 _REDUCTIONS = ("none", "sum", "mean")
-# The options that shape a loss's program (static under eager_jit); the arrays are dynamic.
+# The options that shape a loss's program (static under jit_public); the arrays are dynamic.
 _LOSS_STATIC = ("axis", "ignore_index", "reduction", "axis_name")
 
 
@@ -241,15 +241,19 @@ def check_label_range(
         )
 
 
-def eager_label_check(
+def label_check(
     fn: str, labels: ArrayLike, where: ArrayLike | None, ignore_index: int | None, total: int
 ) -> None:
-    """:func:`check_label_range` for an eager call, from the concrete arguments themselves.
+    """:func:`check_label_range` on a call's own arguments, when ``labels`` and ``where`` are
+    concrete (what ``_prepare`` checks when it sees them concrete).
 
-    Called by :func:`eager_jit` once the traced body has accepted their shapes and dtypes, so
-    it repeats only ``_prepare``'s conversions: labels at least 32 bits wide, ``where``
-    broadcast to the batch shape, and ``ignore_index`` (where the labels' dtype can hold it).
+    Under :func:`jit_public` the body sees tracers, so this runs on the arguments instead,
+    once the traced body has accepted their shapes and dtypes. It repeats only ``_prepare``'s
+    conversions: labels at least 32 bits wide, ``where`` broadcast to the batch shape, and
+    ``ignore_index`` (where the labels' dtype can hold it).
     """
+    if not (_concrete(labels) and _concrete(where)):
+        return
     lab = np.asarray(labels)
     lab = lab.astype(jax.dtypes.canonicalize_dtype(lab.dtype), copy=False)  # as jax.Array
     if not np.issubdtype(lab.dtype, np.integer):
@@ -299,10 +303,10 @@ def _num_classes(args: dict) -> int:
 
 
 def _after_loss(fn: str) -> Callable[[dict], None]:
-    """For :func:`eager_jit`: the eager label check of ``nll_loss`` or ``cross_entropy``."""
+    """For :func:`jit_public`: the label check of ``nll_loss`` or ``cross_entropy``."""
 
     def after(args: dict) -> None:
-        eager_label_check(fn, args["labels"], args["where"], args["ignore_index"],
+        label_check(fn, args["labels"], args["where"], args["ignore_index"],
                           _num_classes(args))
 
     return after
@@ -356,7 +360,7 @@ def _pick_jvp(primals, tangents):
 
 
 @on_mesh(_class_dims)
-@eager_jit(_LOSS_STATIC, after=_after_loss("nll_loss"))
+@jit_public(_LOSS_STATIC, after=_after_loss("nll_loss"))
 def nll_loss(
     log_probs: ArrayLike,
     labels: ArrayLike,
@@ -802,7 +806,7 @@ def _ce_x_jvp(
 
 
 @on_mesh(_class_dims)
-@eager_jit(
+@jit_public(
     _LOSS_STATIC,
     before=lambda a: check_options("cross_entropy", a["label_smoothing"], a["z_loss"],
                                    a["soft_cap"]),

@@ -31,8 +31,8 @@ from ._checks import (
     as_mask,
     broadcast_input,
     compute_dtype,
-    eager_jit,
     jit_core,
+    jit_public,
     nan_where,
     normalize_axes,
     promoted_float,
@@ -54,7 +54,7 @@ from ._rowstats import (
 )
 from ._sharding import AxisName, global_stats, on_mesh
 
-# The arguments that shape a program (static under eager_jit); the arrays are dynamic.
+# The arguments that shape a program (static under jit_public); the arrays are dynamic.
 _STATIC = ("axis", "keepdims", "return_sign", "axis_name")
 
 
@@ -283,7 +283,7 @@ def logsumexp(
 
 
 @on_mesh(_dims("logsumexp"))
-@eager_jit(_STATIC)
+@jit_public(_STATIC)
 def logsumexp(
     a: ArrayLike,
     axis: Axis = None,
@@ -498,7 +498,7 @@ def _log_softmax_jvp(axes, primals, tangents):
 
 
 @on_mesh(_dims("log_softmax"))
-@eager_jit(_STATIC)
+@jit_public(_STATIC)
 def log_softmax(
     x: ArrayLike,
     axis: Axis = -1,
@@ -611,7 +611,7 @@ def _softmax_clip_first(
 
 
 @on_mesh(_dims("softmax"))
-@eager_jit(_STATIC)
+@jit_public(_STATIC)
 def softmax(
     x: ArrayLike,
     axis: Axis = -1,

@@ -2,7 +2,7 @@
 
 The public functions' errors are tested through the public API in ``test_lse.py``; here each check
 is exercised on its own, including the exact wording that the public errors rely on: every
-message starts with ``"<function>: `<argument>`"``. ``eager_jit`` is tested on its own and through
+message starts with ``"<function>: `<argument>`"``. ``jit_public`` is tested on its own and through
 the public functions: an eager call is one compiled program.
 """
 
@@ -205,7 +205,7 @@ def test_as_mask_rejects_type(where):
 
 
 # --------------------------------------------------------------------------------------------
-# eager_jit: an eager call of a public function is one compiled program
+# jit_public: each public function is one jitted program, eagerly too
 
 _COMPILED = [0]
 
@@ -225,33 +225,37 @@ def _programs(call) -> int:
     return _COMPILED[0] - start
 
 
-def test_eager_jit_traces_arrays_and_keeps_options_static():
+def test_jit_public_traces_arrays_and_keeps_options_static():
     seen = []
 
-    @_checks.eager_jit(("axis",), before=lambda a: seen.append(("before", a["scale"])),
-                       after=lambda a: seen.append(("after", type(a["x"]).__name__)))
+    def concrete(v) -> bool:
+        return not isinstance(v, jax.core.Tracer)
+
+    @_checks.jit_public(("axis",), before=lambda a: seen.append(("before", a["scale"])),
+                        after=lambda a: seen.append(("after", concrete(a["x"]))))
     def f(x, scale=1.0, axis=-1, flag=False):
-        seen.append(("body", isinstance(x, jax.core.Tracer), isinstance(scale, jax.core.Tracer)))
+        seen.append(("body", concrete(x), concrete(scale)))
         return jnp.sum(jnp.asarray(x) * scale, axis=axis) + (1 if flag else 0)
 
     x = np.arange(6.0, dtype=np.float32).reshape(2, 3)
     np.testing.assert_array_equal(f(x, 2.0, axis=0), [6, 10, 14])
     # traced once, with the array and the non-zero scale as tracers; the checks see values
-    assert seen == [("before", 2.0), ("body", True, True), ("after", "ndarray")]
+    assert seen == [("before", 2.0), ("body", False, False), ("after", True)]
     seen.clear()
     np.testing.assert_array_equal(f(x, 3.0, axis=0), [9, 15, 21])  # same program
-    assert seen == [("before", 3.0), ("after", "ndarray")]
+    assert seen == [("before", 3.0), ("after", True)]
     seen.clear()
     # a scalar 0 and a bool are static: the body sees them as Python values
     np.testing.assert_array_equal(f(x, 0.0, flag=True), [1, 1])
-    assert seen[1] == ("body", True, False)
+    assert seen[1] == ("body", False, True)
     seen.clear()
-    # inside a trace the body runs as it is, and so it does for a list (no program of its own)
-    jax.jit(lambda v: f(v, 2.0))(x)
-    assert seen == [("body", True, False)]
+    # inside a caller's trace it is a nested jit; the checks see the caller's tracer
+    np.testing.assert_array_equal(jax.jit(lambda v: f(v, 2.0))(x), [6, 24])
+    assert seen == [("before", 2.0), ("body", False, False), ("after", False)]
     seen.clear()
+    # a list runs the body as it is (its own conversion), with no program of its own
     np.testing.assert_array_equal(f([[1.0, 2.0]], 2.0), [6])
-    assert seen == [("body", False, False)]
+    assert seen == [("body", True, True)]
     # a wrong call gets Python's own message, naming the function
     with pytest.raises(TypeError, match=r"f\(\) takes from 1 to 4 positional arguments"):
         f(x, 1.0, -1, False, None)
@@ -283,6 +287,19 @@ def test_eager_call_is_one_program(name):
     call = EAGER_CALLS[name]
     assert _programs(lambda: call(X_EAGER)) == 1
     assert _programs(lambda: call(X_EAGER + 1)) == 0
+
+
+def test_eager_gradient_is_a_few_programs():
+    """An eager gradient of a loss with options compiles its forward and transposed programs
+    (it was eleven small programs), and none for a second call."""
+    x = X_EAGER[:, :31]
+    y = Y_EAGER % 31
+
+    def grad():
+        return jax.grad(lambda v: jaxlse.cross_entropy(v, y, label_smoothing=0.1, z_loss=1e-4))(x)
+
+    assert _programs(grad) <= 3
+    assert _programs(grad) == 0
 
 
 def test_eager_option_values_share_a_program():
