@@ -6,7 +6,8 @@ operations as a program of its own. This times, in one process and A/B interleav
 ``bench_core.time_ab``), for standard-normal float32 logits and after a warm-up call:
 
 * the eager call against ``jax.jit`` of the same call (ratio near 1: the eager call costs a
-  program's dispatch and the label check, no more);
+  program's dispatch and the label check, no more), and the same for an eager ``jax.grad`` of
+  ``cross_entropy`` (two programs);
 * the eager call against the eager call of the reference (``jax.nn`` for the first three,
   ``optax.softmax_cross_entropy_with_integer_labels`` with its mean for ``cross_entropy``, and
   ``-mean(take_along_axis(log_probs, labels))`` for ``nll_loss``).
@@ -57,6 +58,11 @@ def cases() -> dict[str, tuple[Fn, Fn]]:
         "cross_entropy": (
             lambda x, y, cw: jaxlse.cross_entropy(x, y),
             lambda x, y, cw: optax.softmax_cross_entropy_with_integer_labels(x, y).mean(),
+        ),
+        "grad of cross_entropy": (
+            lambda x, y, cw: jax.grad(lambda v: jaxlse.cross_entropy(v, y))(x),
+            lambda x, y, cw: jax.grad(
+                lambda v: optax.softmax_cross_entropy_with_integer_labels(v, y).mean())(x),
         ),
         "cross_entropy, options": (
             lambda x, y, cw: jaxlse.cross_entropy(
