@@ -544,7 +544,7 @@ def _label_check(args: dict) -> None:
 @jit_public(
     ("ignore_index", "reduction", "chunk_size", "axis_name"),
     before=lambda a: check_options(_FN, a["label_smoothing"], a["z_loss"], a["soft_cap"]),
-    after=lambda a: _label_check(a),
+    after=_label_check,
 )
 def linear_cross_entropy(
     x: ArrayLike,
