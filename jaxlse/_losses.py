@@ -116,6 +116,29 @@ def _label_index(
     return bad, jnp.where(valid, labels, 0)
 
 
+def _int_labels(lab: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+    """Integer labels at least 32 bits wide, so that comparing them with ``num_classes`` or
+    ``ignore_index`` cannot wrap around (JAX or NumPy arrays)."""
+    return lab.astype(np.int32) if lab.dtype.itemsize < 4 else lab
+
+
+def _counted(
+    xp: object, labels: jax.Array | np.ndarray | None, mask: ArrayLike | None,
+    ignore_index: int | None, batch: tuple[int, ...],
+) -> jax.Array | np.ndarray:
+    """The examples that count, of shape ``batch``: inside ``mask`` (checked to broadcast) and
+    with an integer label other than ``ignore_index`` (``labels`` None for soft labels). A
+    value that the labels' dtype cannot hold equals no label. ``xp`` is ``jnp`` or ``np``."""
+    counted = xp.ones(batch, bool)
+    if mask is not None:
+        counted = counted & xp.broadcast_to(mask, batch)
+    if labels is not None and ignore_index is not None:
+        info = np.iinfo(labels.dtype)
+        if info.min <= ignore_index <= info.max:
+            counted = counted & (labels != ignore_index)
+    return counted
+
+
 def _concrete(v: object) -> bool:
     return not isinstance(v, jax.core.Tracer)
 
@@ -162,8 +185,7 @@ def _prepare(
                 f"axis (or axes), {batch}; got labels of shape {lab.shape} for scores of shape "
                 f"{tuple(jnp.shape(x))}"
             )
-        if jnp.dtype(lab.dtype).itemsize < 4:
-            lab = lab.astype(jnp.int32)
+        lab = _int_labels(lab)
     elif jnp.issubdtype(lab.dtype, jnp.floating):
         soft = True
         if lab.shape != tuple(jnp.shape(x)):
@@ -187,7 +209,7 @@ def _prepare(
                 f"got {w.shape}"
             )
         w = w.reshape(num_classes).astype(out_dtype)
-    counted = jnp.ones(batch, bool)
+    mask = None
     if where is not None:
         mask = jnp.asarray(where)
         if mask.dtype != jnp.bool_:
@@ -201,7 +223,6 @@ def _prepare(
                 f"{fn}: `where` of shape {mask.shape} does not broadcast to the labels' batch "
                 f"shape {batch}"
             )
-        counted = counted & jnp.broadcast_to(mask, batch)
     if ignore_index is not None:
         try:
             ignore_index = operator.index(ignore_index)
@@ -216,9 +237,7 @@ def _prepare(
                 f"{fn}: `ignore_index` {ignore_index} is not supported for floating (soft) "
                 "labels; exclude examples with `where`"
             )
-        # A value that the labels' dtype cannot hold equals no label.
-        if not soft and jnp.iinfo(lab.dtype).min <= ignore_index <= jnp.iinfo(lab.dtype).max:
-            counted = counted & (lab != ignore_index)
+    counted = _counted(jnp, None if soft else lab, mask, ignore_index, batch)
     if not soft and _concrete(lab) and _concrete(counted):
         check_label_range(fn, np.asarray(lab), np.asarray(counted), num_classes * shards,
                           ignore_index)
@@ -248,9 +267,8 @@ def label_check(
     concrete (what ``_prepare`` checks when it sees them concrete).
 
     Under :func:`jit_public` the body sees tracers, so this runs on the arguments instead,
-    once the traced body has accepted their shapes and dtypes. It repeats only ``_prepare``'s
-    conversions: labels at least 32 bits wide, ``where`` broadcast to the batch shape, and
-    ``ignore_index`` (where the labels' dtype can hold it).
+    once the traced body has accepted their shapes and dtypes, with ``_prepare``'s own
+    conversions (:func:`_int_labels`, :func:`_counted`) in NumPy.
     """
     if not (_concrete(labels) and _concrete(where)):
         return
@@ -258,16 +276,12 @@ def label_check(
     lab = lab.astype(jax.dtypes.canonicalize_dtype(lab.dtype), copy=False)  # as jax.Array
     if not np.issubdtype(lab.dtype, np.integer):
         return  # soft labels
-    if lab.dtype.itemsize < 4:
-        lab = lab.astype(np.int32)
-    counted = np.ones(lab.shape, bool)
-    if where is not None:
-        counted = counted & np.broadcast_to(np.asarray(where), lab.shape)
+    lab = _int_labels(lab)
     if ignore_index is not None:
         ignore_index = operator.index(ignore_index)
-        if np.iinfo(lab.dtype).min <= ignore_index <= np.iinfo(lab.dtype).max:
-            counted = counted & (lab != ignore_index)
-    check_label_range(fn, lab, counted, total, ignore_index)
+    mask = None if where is None else np.asarray(where)
+    check_label_range(fn, lab, _counted(np, lab, mask, ignore_index, lab.shape), total,
+                      ignore_index)
 
 
 def check_options(
@@ -307,7 +321,7 @@ def _after_loss(fn: str) -> Callable[[dict], None]:
 
     def after(args: dict) -> None:
         label_check(fn, args["labels"], args["where"], args["ignore_index"],
-                          _num_classes(args))
+                    _num_classes(args))
 
     return after
 
